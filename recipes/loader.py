@@ -1,0 +1,111 @@
+"""Load a recipe YAML, validate it, and report every problem as FILE:LINE: path: message."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from .schema import Recipe
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.path}: {self.message}"
+
+
+class RecipeError(Exception):
+    """Every problem found in one recipe file; str() lists them one per line."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map each key path in the YAML document to its 1-based line number."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[path + (key,)] = key_node.start_mark.line + 1
+            _line_map(value_node, path + (key,), out)
+            out[path + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_map(item, path + (i,), out)
+    return out
+
+
+def _duplicate_keys(node: yaml.Node, path: tuple = ()) -> list[tuple[tuple, int]]:
+    found = []
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            if key_node.value in seen:
+                found.append((path + (key_node.value,), key_node.start_mark.line + 1))
+            seen.add(key_node.value)
+            found += _duplicate_keys(value_node, path + (key_node.value,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicate_keys(item, path + (i,))
+    return found
+
+
+def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int:
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return 1
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # pydantic inserts union/discriminator tags ('gguf', 'function-after[...]') into loc; keep real keys only.
+    return tuple(p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]()"))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate; raise RecipeError listing every problem with its line."""
+    path = Path(path)
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([Problem(name, 0, "recipe", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([Problem(name, 0, "recipe", f"cannot read: {exc}")]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 0
+        msg = " ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x) or str(exc)
+        raise RecipeError([Problem(name, line, "yaml", msg)]) from None
+    if node is None or not isinstance(data, dict):
+        raise RecipeError([Problem(name, 1, "recipe", "expected a mapping of sections (base_model, data, ...)")])
+    lines = _line_map(node)
+    problems = [Problem(name, line, ".".join(map(str, p)), "duplicate key") for p, line in _duplicate_keys(node)]
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = _clean_loc(tuple(err["loc"]))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see `wb validate --schema`)"
+            elif err["type"] == "missing":
+                msg = "required field is missing"
+            problems.append(Problem(name, _nearest_line(lines, loc), ".".join(map(str, loc)) or "recipe", msg))
+        raise RecipeError(sorted(problems, key=lambda p: p.line)) from None
+    if problems:
+        raise RecipeError(problems)
+    return recipe

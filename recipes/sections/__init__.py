@@ -1,0 +1,1 @@
+"""One pydantic model per recipe section; each stage owns the file named after it."""
