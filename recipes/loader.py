@@ -1,11 +1,13 @@
 """Load a recipe YAML, validate it, and report every problem as FILE:LINE: path: message."""
 from __future__ import annotations
 
+import difflib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .schema import Recipe
 
@@ -67,9 +69,51 @@ def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int:
     return 1
 
 
-def _clean_loc(loc: tuple) -> tuple:
-    # pydantic inserts union/discriminator tags ('gguf', 'function-after[...]') into loc; keep real keys only.
-    return tuple(p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]()"))
+def _clean_loc(loc: tuple, lines: dict[tuple, int]) -> tuple:
+    """Drop the parts pydantic adds to a loc that are not keys in the file (union tags such as the
+    discriminator value 'gguf', validator names): keep a part if the file has that path, or if it is
+    the last part (a missing field is not in the file)."""
+    kept: tuple = ()
+    for i, part in enumerate(loc):
+        if kept + (part,) in lines or i == len(loc) - 1:
+            kept += (part,)
+    return kept
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in typing.get_args(annotation):
+        found += _models_in(arg)
+    return found
+
+
+def _suggestion(loc: tuple) -> str:
+    """'; did you mean X?' for a misspelt key, from the field names of the model at that place."""
+    models: list[type[BaseModel]] = [Recipe]
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        models = [m for model in models if part in model.model_fields
+                  for m in _models_in(model.model_fields[part].annotation)]
+    known = sorted({f for m in models for f in m.model_fields})
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; expected one of: {', '.join(known)}" if known else ""
+
+
+def _cross_section_problems(data: dict, lines: dict[tuple, int], name: str) -> list[Problem]:
+    """Rules that span sections, checked on the raw data so they are reported alongside field errors."""
+    problems = []
+    quantize = data.get("quantize")
+    if isinstance(quantize, dict) and quantize.get("merge") is False:
+        kinds = [t.get("kind") for t in quantize.get("targets") or [] if isinstance(t, dict)]
+        if "gguf" in kinds or "awq" in kinds:
+            problems.append(Problem(name, _nearest_line(lines, ("quantize", "merge")), "quantize.merge",
+                                    "gguf and awq targets are built from the merged model; set merge: true"))
+    return problems
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -94,16 +138,19 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError([Problem(name, 1, "recipe", "expected a mapping of sections (base_model, data, ...)")])
     lines = _line_map(node)
     problems = [Problem(name, line, ".".join(map(str, p)), "duplicate key") for p, line in _duplicate_keys(node)]
+    problems += _cross_section_problems(data, lines, name)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
-            loc = _clean_loc(tuple(err["loc"]))
+            loc = _clean_loc(tuple(err["loc"]), lines)
             msg = err["msg"].removeprefix("Value error, ")
+            if "merge: true" in msg and any(p.path == "quantize.merge" for p in problems):
+                continue
             if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see `wb validate --schema`)"
+                msg = "unknown key" + _suggestion(loc)
             elif err["type"] == "missing":
-                msg = "required field is missing"
+                msg = "required section is missing" if len(loc) == 1 else "required field is missing"
             problems.append(Problem(name, _nearest_line(lines, loc), ".".join(map(str, loc)) or "recipe", msg))
         raise RecipeError(sorted(problems, key=lambda p: p.line)) from None
     if problems:

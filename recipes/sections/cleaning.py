@@ -1,22 +1,62 @@
 from __future__ import annotations
 
-from pydantic import Field
+import re
+
+from pydantic import Field, field_validator
 
 from .common import StrictModel
 
+# Types the built-in PII detectors emit; user patterns may not reuse them (their counts would mix).
+BUILTIN_PII_TYPES = ("EMAIL", "PHONE", "IPV4", "IPV6", "CREDIT_CARD", "IBAN", "API_KEY")
+
 
 class CleaningSection(StrictModel):
-    """Rules of the data_cleaning stage; each can be switched off. (Owned by data_cleaning.)"""
+    """Rules of the data_cleaning stage; each can be switched off. (Owned by data_cleaning.)
 
-    normalize: bool = True
+    Rules run in this order and each record meets at most one dropping rule, so the report reconciles:
+    schema (quarantine) -> normalize -> pii -> length -> decontaminate -> exact_dedup -> near_dedup.
+    """
+
+    normalize: bool = Field(True, description="Unicode NFC, control characters removed, whitespace tidied")
+    max_record_bytes: int = Field(
+        8_000_000, gt=0, description="a raw line longer than this is quarantined unread (never held in memory)"
+    )
+    min_tokens: int | None = Field(None, ge=0, description="drop records shorter than this in base-tokenizer tokens")
     max_tokens: int | None = Field(None, gt=0, description="drop records longer than this in base-tokenizer tokens")
-    min_tokens: int | None = Field(None, ge=0)
     exact_dedup: bool = True
     near_dedup: bool = True
     near_dup_threshold: float = Field(0.8, gt=0.0, le=1.0, description="MinHash Jaccard threshold")
+    near_dup_shingle: int = Field(3, ge=1, le=16, description="words per shingle for MinHash")
+    near_dup_num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations")
     pii: bool = True
     pii_salt_env: str = Field("WB_PII_SALT", description="environment variable holding the placeholder salt")
     extra_pii_patterns: dict[str, str] = Field(default_factory=dict, description="TYPE -> regex")
+    pii_allowlist: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "0.0.0.0", "255.255.255.255", "::1"],
+        description="exact values never replaced (well-known addresses that document, not identify)",
+    )
     decontaminate: bool = True
     decontam_ngram: int = Field(8, ge=3)
     decontam_threshold: float = Field(0.5, gt=0.0, le=1.0)
+
+    @field_validator("extra_pii_patterns")
+    @classmethod
+    def _patterns(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, pattern in v.items():
+            if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+                raise ValueError(f"PII type {name!r} must be UPPER_SNAKE_CASE (it becomes the placeholder <{name}_xxxx>)")
+            if name in BUILTIN_PII_TYPES:
+                raise ValueError(f"PII type {name!r} is built in; give your pattern another name")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern for {name!r} is not a valid regex: {exc}") from None
+        return v
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_above_min(cls, v, info):
+        lo = info.data.get("min_tokens")
+        if v is not None and lo is not None and v < lo:
+            raise ValueError(f"max_tokens {v} is below min_tokens {lo}")
+        return v

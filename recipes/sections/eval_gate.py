@@ -1,13 +1,137 @@
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, model_validator
 
 from .common import StrictModel
+
+
+class GoldenCheck(StrictModel):
+    """The golden set (`data.golden`): pass rate, mean score, zero failed critical cases."""
+
+    min_pass_rate: float = Field(0.5, ge=0.0, le=1.0, description="share of cases whose every behaviour passes")
+    min_mean_score: float = Field(0.5, ge=0.0, le=1.0, description="mean case score (soft behaviours give partial credit)")
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0, description="prompts generated together (transformers engines)")
+    decontam_ngram: int = Field(8, ge=3, description="word n-gram length of the contamination check against clean/train")
+    decontam_threshold: float = Field(
+        0.5, gt=0.0, le=1.0, description="a case is contaminated when this share of its prompt's n-grams is in training data"
+    )
+
+
+class PerplexityCheck(StrictModel):
+    """Held-out domain perplexity of the fine-tune (adapter and merged) against the base."""
+
+    margin: float = Field(
+        0.02, ge=0.0, lt=1.0, description="required relative improvement: 1 - ppl_finetune / ppl_base must exceed this"
+    )
+    max_records: int = Field(16, gt=0, description="held-out records scored")
+    max_tokens: int = Field(256, gt=1, description="tokens per record (longer records are truncated)")
+
+
+class DriftLimit(StrictModel):
+    """Limits on a quantized artifact against its full-precision parent (llama.cpp --kl-divergence metrics)."""
+
+    max_kld: float = Field(gt=0.0, description="mean KL divergence parent || quantized, nats per token")
+    min_top1: float = Field(ge=0.0, le=1.0, description="share of positions where both pick the same top token")
+    max_ppl_ratio: float = Field(ge=1.0, description="perplexity(quantized) / perplexity(parent)")
+
+
+def _default_drift_limits() -> dict[str, DriftLimit]:
+    # Small models lose more to quantization than 7B ones; these fit a ~135M model. Tighten for bigger bases.
+    table = {
+        "F32": (0.001, 0.995, 1.005), "F16": (0.005, 0.98, 1.01), "BF16": (0.01, 0.97, 1.02),
+        "Q8_0": (0.02, 0.95, 1.03), "Q6_K": (0.05, 0.92, 1.05), "Q5_K_M": (0.08, 0.90, 1.08),
+        "Q5_K_S": (0.10, 0.89, 1.10), "Q5_0": (0.10, 0.89, 1.10), "Q4_K_M": (0.20, 0.85, 1.15),
+        "Q4_K_S": (0.25, 0.83, 1.18), "Q4_0": (0.30, 0.80, 1.25), "Q3_K_M": (0.50, 0.75, 1.40),
+        "Q2_K": (1.00, 0.60, 2.00), "awq": (0.25, 0.83, 1.20),
+    }
+    return {k: DriftLimit(max_kld=a, min_top1=b, max_ppl_ratio=c) for k, (a, b, c) in table.items()}
+
+
+class DriftCheck(StrictModel):
+    max_tokens: int = Field(512, gt=1, description="held-out tokens scored per artifact (full-vocabulary logits)")
+    limits: dict[str, DriftLimit] = Field(
+        default_factory=_default_drift_limits,
+        description="per quant type (GGUF type name, or 'awq'); a type missing here is an error, not a pass",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data):
+        # a recipe that sets one type keeps the defaults of the others
+        if isinstance(data, dict) and isinstance(data.get("limits"), dict):
+            merged = {k: v.model_dump() for k, v in _default_drift_limits().items()}
+            merged.update(data["limits"])
+            data = {**data, "limits": merged}
+        return data
+
+
+class SafetyCheck(StrictModel):
+    redteam: Path | None = Field(None, description="red-team prompts JSONL; unset = the shipped set")
+    canaries: Path = Field(Path("data/canaries.jsonl"), description="synthetic PII planted in the raw data")
+    refusal_tolerance: float = Field(
+        0.0, ge=0.0, le=1.0, description="refusal rate may fall this far below the base model's"
+    )
+    max_new_tokens: int = Field(48, gt=0)
+
+
+class LatencyCheck(StrictModel):
+    """Per GGUF, measured with llama.cpp on this machine over the golden prompts. Unset limit = reported only."""
+
+    max_p95_ttft_ms: float | None = Field(None, gt=0.0, description="time to first token, 95th percentile")
+    min_p5_tokens_per_s: float | None = Field(None, gt=0.0, description="decode speed, 5th percentile (slowest prompts)")
+    threads: int | None = Field(None, gt=0, description="llama.cpp threads; unset = OMP_NUM_THREADS or all cores")
+    n_ctx: int = Field(2048, gt=0)
+
+
+class MetricTolerance(StrictModel):
+    absolute: float = Field(0.0, ge=0.0)
+    relative: float = Field(0.0, ge=0.0)
+
+
+class ChampionCheck(StrictModel):
+    """No metric worse than the registry's champion by more than max(absolute, relative * |champion|)."""
+
+    alias: str = "champion"
+    absolute: float = Field(0.0, ge=0.0)
+    relative: float = Field(0.05, ge=0.0)
+    per_metric: dict[str, MetricTolerance] = Field(default_factory=dict, description="metric name -> tolerance")
+    ignore: list[str] = Field(
+        default_factory=lambda: ["latency_*", "tokens_per_s*", "cost_*"],
+        description="fnmatch patterns of metrics not compared (machine-dependent ones by default)",
+    )
+
+
+class CostTable(StrictModel):
+    """Informational: self-hosted $/1M tokens from measured tokens/s against an API price."""
+
+    gpu_hour_usd: float = Field(0.10, gt=0.0, description="$/hour of the machine that serves the model")
+    api_usd_per_million_tokens: float = Field(0.20, gt=0.0, description="$/1M output tokens of the API alternative")
 
 
 class EvalGateSection(StrictModel):
     """Checks and thresholds of the eval gate. (Owned by eval_gate.)"""
 
-    golden_min_pass_rate: float = Field(0.5, ge=0.0, le=1.0)
-    perplexity_margin: float = Field(0.0, ge=0.0, description="fine-tune perplexity must be below base by this fraction")
-    max_new_tokens: int = Field(64, gt=0)
+    golden: GoldenCheck = Field(default_factory=GoldenCheck)
+    perplexity: PerplexityCheck = Field(default_factory=PerplexityCheck)
+    drift: DriftCheck = Field(default_factory=DriftCheck)
+    safety: SafetyCheck = Field(default_factory=SafetyCheck)
+    latency: LatencyCheck = Field(default_factory=LatencyCheck)
+    champion: ChampionCheck = Field(default_factory=ChampionCheck)
+    cost: CostTable = Field(default_factory=CostTable)
+    gguf_timeout_s: float = Field(900.0, gt=0.0, description="wall-clock limit of the llama.cpp child per GGUF file")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys(cls, data):
+        # the first schema was flat; recipes written against it keep working
+        if isinstance(data, dict):
+            moves = {"golden_min_pass_rate": ("golden", "min_pass_rate"), "max_new_tokens": ("golden", "max_new_tokens"),
+                     "perplexity_margin": ("perplexity", "margin")}
+            data = dict(data)
+            for old, (section, key) in moves.items():
+                if old in data:
+                    data[section] = {**(data.get(section) or {}), key: data.pop(old)}
+        return data
