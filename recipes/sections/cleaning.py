@@ -27,7 +27,7 @@ class CleaningSection(StrictModel):
     near_dedup: bool = True
     near_dup_threshold: float = Field(0.8, gt=0.0, le=1.0, description="MinHash Jaccard threshold")
     near_dup_shingle: int = Field(3, ge=1, le=16, description="words per shingle for MinHash")
-    near_dup_num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations")
+    near_dup_num_perm: int = Field(128, ge=16, le=512, description="MinHash permutations")
     pii: bool = True
     pii_salt_env: str = Field("WB_PII_SALT", description="environment variable holding the placeholder salt")
     extra_pii_patterns: dict[str, str] = Field(default_factory=dict, description="TYPE -> regex")

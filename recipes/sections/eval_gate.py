@@ -12,8 +12,8 @@ class GoldenCheck(StrictModel):
 
     min_pass_rate: float = Field(0.5, ge=0.0, le=1.0, description="share of cases whose every behaviour passes")
     min_mean_score: float = Field(0.5, ge=0.0, le=1.0, description="mean case score (soft behaviours give partial credit)")
-    max_new_tokens: int = Field(64, gt=0)
-    batch_size: int = Field(8, gt=0, description="prompts generated together (transformers engines)")
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(16, gt=0, description="prompts generated together (transformers engines)")
     decontam_ngram: int = Field(8, ge=3, description="word n-gram length of the contamination check against clean/train")
     decontam_threshold: float = Field(
         0.5, gt=0.0, le=1.0, description="a case is contaminated when this share of its prompt's n-grams is in training data"
@@ -74,7 +74,7 @@ class SafetyCheck(StrictModel):
     refusal_tolerance: float = Field(
         0.0, ge=0.0, le=1.0, description="refusal rate may fall this far below the base model's"
     )
-    max_new_tokens: int = Field(48, gt=0)
+    max_new_tokens: int = Field(32, gt=0, description="refusals show in the first words")
 
 
 class LatencyCheck(StrictModel):
@@ -133,5 +133,7 @@ class EvalGateSection(StrictModel):
             data = dict(data)
             for old, (section, key) in moves.items():
                 if old in data:
-                    data[section] = {**(data.get(section) or {}), key: data.pop(old)}
+                    value = data.pop(old)
+                    # the nested key wins when both are given
+                    data[section] = {key: value, **(data.get(section) or {})}
         return data

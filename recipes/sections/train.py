@@ -45,7 +45,7 @@ class TrainSection(StrictModel):
     )
     assistant_only_loss: bool = Field(True, description="loss on assistant tokens only (needs {% generation %} markers)")
     heldout_max_records: int = Field(
-        256, ge=0, description="held-out text records scored for base vs fine-tune perplexity (0 = skip)"
+        64, ge=0, description="held-out text records scored for base vs fine-tune perplexity (0 = skip)"
     )
     # Speed knobs; `auto` chooses per machine (see the class docstring).
     packing: Auto | bool = Field("auto", description="pack conversations padding-free (best-fit decreasing)")

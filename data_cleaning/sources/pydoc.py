@@ -1,0 +1,269 @@
+"""Build the demo's raw domain corpus from the Python standard library's own documentation.
+
+    python -m data_cleaning.sources.pydoc --out data/raw/stdlib.jsonl
+
+A "Python stdlib assistant" domain that nobody here wrote: for a fixed list of modules, the questions a
+user asks about a module, class or function, answered from its signature and docstring (`inspect`), and
+plain-text entries of other modules kept out of training for held-out perplexity. The natural dirt is
+kept on purpose, because the cleaning stage must deal with it: docstrings inherited from base classes
+(the same answer under many names), undocumented members (empty answers), huge module docstrings, author
+e-mail addresses from module metadata, URLs. The synthetic PII canaries of `data/canaries.jsonl` are
+planted into some records, in every record shape.
+
+Deterministic for a Python version: fixed module list, sorted members, templates chosen by CRC32 of the
+name (never by a random generator), JSON written with sorted keys.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import re
+import sys
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[2]
+CANARIES = REPO / "data" / "canaries.jsonl"
+
+# Modules whose documentation becomes chat Q&A. Pure-Python or always-built modules only, and no
+# platform-specific ones (os, socket, signal...), so the corpus is the same on every machine.
+QA_MODULES = (
+    "abc", "argparse", "array", "base64", "bisect", "calendar", "collections", "colorsys", "contextlib",
+    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum", "filecmp", "fnmatch", "fractions",
+    "functools", "getopt", "glob", "gzip", "heapq", "hmac", "html", "inspect", "ipaddress", "itertools", "json",
+    "keyword", "linecache", "logging", "math", "operator", "pathlib", "posixpath", "pprint", "queue", "random",
+    "re", "secrets", "shlex", "shutil", "statistics", "string", "struct", "tarfile", "tempfile", "textwrap",
+    "threading", "timeit", "tomllib", "typing", "unicodedata", "urllib.parse", "uuid", "weakref", "zipfile",
+    "zlib",
+)
+# Modules kept out of training entirely: their docs become held-out plain text.
+HELDOUT_MODULES = (
+    "graphlib", "numbers", "reprlib", "sched", "mimetypes", "email.utils", "http.cookies", "wave", "quopri",
+    "netrc", "plistlib", "smtplib", "ftplib",
+)
+MAX_METHODS_PER_CLASS = 12
+SYSTEM_PROMPT = "You are a helpful assistant for the Python standard library."
+
+ASK_DOES = (
+    "What does `{q}` do?",
+    "Can you explain `{q}` from the Python standard library?",
+    "How does `{q}` work?",
+    "What is `{q}` used for?",
+    "I found `{q}` in some code. What is it for?",
+)
+ASK_SIGNATURE = (
+    "What arguments does `{q}` take?",
+    "What is the signature of `{q}`?",
+    "How do I call `{q}`?",
+)
+ASK_CLASS = (
+    "What is `{q}`?",
+    "What is the `{q}` class for?",
+    "Explain the class `{q}`.",
+)
+ASK_MODULE = (
+    "What is the `{q}` module for?",
+    "Give me an overview of the `{q}` module.",
+    "What can I do with Python's `{q}` module?",
+)
+PLANT = {
+    "EMAIL": ("user", "I wrote to {v} about this but got no answer."),
+    "PHONE": ("assistant", "For urgent help you can also call {v}."),
+    "IPV4": ("user", "I am running this on my server at {v}."),
+    "IPV6": ("user", "My service listens on {v} and I see this behaviour."),
+    "CREDIT_CARD": ("user", "Unrelated, but my card {v} was charged twice for the course."),
+    "IBAN": ("assistant", "Donations for the tutorial go to {v}."),
+    "API_KEY": ("user", "My config has api_key={v} set, does that matter?"),
+}
+PLANTS_PER_CANARY = 3
+
+
+@dataclass(frozen=True)
+class Entry:
+    module: str
+    qualname: str  # how a user names it: module.func, module.Class, Class.method
+    kind: str  # module | class | function | method
+    signature: str | None
+    doc: str | None
+
+
+def _pick(options: tuple[str, ...], key: str, salt: str = "") -> str:
+    return options[zlib.crc32(f"{salt}:{key}".encode()) % len(options)]
+
+
+_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
+
+
+def _signature(obj) -> str | None:
+    try:
+        sig = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return None
+    # default values like <object object at 0x7f...> differ per process: drop the address
+    return _ADDRESS.sub("", sig)
+
+
+def _public_names(module) -> list[str]:
+    names = getattr(module, "__all__", None)
+    if names is None:
+        names = [n for n, v in vars(module).items()
+                 if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__]
+    return sorted(set(n for n in names if not n.startswith("_") and hasattr(module, n)))
+
+
+def module_entries(name: str) -> Iterator[Entry]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = importlib.import_module(name)
+    yield Entry(name, name, "module", None, inspect.getdoc(module))
+    for attr in _public_names(module):
+        obj = getattr(module, attr)
+        if inspect.isclass(obj):
+            yield Entry(name, f"{name}.{attr}", "class", _signature(obj), inspect.getdoc(obj))
+            methods = [m for m in sorted(dir(obj)) if not m.startswith("_")]
+            for meth in methods[:MAX_METHODS_PER_CLASS]:
+                member = inspect.getattr_static(obj, meth, None)
+                func = getattr(obj, meth, None)
+                if not callable(func) or isinstance(member, (property,)):
+                    continue
+                # users name methods by class, not module: equal class names in two modules collide,
+                # which is exactly the duplicate dirt a real corpus has
+                yield Entry(name, f"{attr}.{meth}", "method", _signature(func), inspect.getdoc(func))
+        elif callable(obj):
+            yield Entry(name, f"{name}.{attr}", "function", _signature(obj), inspect.getdoc(obj))
+
+
+def _params(sig: str) -> str:
+    inner = sig.split("->")[0].strip()[1:-1].strip()
+    return inner
+
+
+def qa_records(entry: Entry) -> Iterator[list[dict[str, str]]]:
+    q, doc, sig = entry.qualname, entry.doc or "", entry.signature
+    if entry.kind == "module":
+        yield [{"role": "user", "content": _pick(ASK_MODULE, q).format(q=q)},
+               {"role": "assistant", "content": doc}]
+        return
+    if entry.kind == "class":
+        head = f"`class {q}{sig or ''}`"
+        yield [{"role": "user", "content": _pick(ASK_CLASS, q).format(q=q)},
+               {"role": "assistant", "content": f"{head}\n\n{doc}" if doc else ""}]
+        return
+    call = f"`{q}{sig}`" if sig else f"`{q}(...)`"
+    # an undocumented function gives an empty answer: the schema rule must quarantine it, not train on it
+    yield [{"role": "user", "content": _pick(ASK_DOES, q).format(q=q)},
+           {"role": "assistant", "content": f"{call}\n\n{doc}" if doc else ""}]
+    if sig and _params(sig) not in ("", "self", "/"):
+        summary = doc.split("\n\n")[0] if doc else ""
+        answer = f"Call it as {call}."
+        if summary:
+            answer += f"\n\n{summary}"
+        yield [{"role": "user", "content": _pick(ASK_SIGNATURE, q).format(q=q)},
+               {"role": "assistant", "content": answer}]
+
+
+def metadata_records(name: str) -> Iterator[list[dict[str, str]]]:
+    module = sys.modules[name]
+    authors = getattr(module, "__author__", None)
+    if authors:
+        if isinstance(authors, (tuple, list)):
+            authors = ", ".join(authors)
+        text = f"The `{name}` module is credited to {authors}."
+        credits = getattr(module, "__credits__", None)
+        if credits:
+            text += f" Credits also go to {credits}"
+        yield [{"role": "user", "content": f"Who wrote the `{name}` module?"},
+               {"role": "assistant", "content": text}]
+
+
+def _shape(messages: list[dict[str, str]], key: str) -> dict:
+    """Vary the record shape the way real data varies: plain chat, chat with a system turn, prompt/completion."""
+    bucket = zlib.crc32(f"shape:{key}".encode()) % 20
+    if bucket < 3:
+        return {"prompt": messages[0]["content"], "completion": messages[1]["content"]}
+    if bucket < 8:
+        return {"messages": [{"role": "system", "content": SYSTEM_PROMPT}, *messages]}
+    return {"messages": messages}
+
+
+def load_canaries(path: Path = CANARIES) -> list[dict[str, str]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                c = json.loads(line)
+                if set(c) != {"type", "value"} or c["type"] not in PLANT:
+                    raise ValueError(f"{path}:{number}: a canary is {{\"type\": one of {sorted(PLANT)}, \"value\": str}}")
+                out.append(c)
+    return out
+
+
+def _plant(record: dict, canary: dict[str, str]) -> None:
+    role, template = PLANT[canary["type"]]
+    sentence = template.format(v=canary["value"])
+    if "text" in record:
+        record["text"] = f"{record['text']}\n\n{sentence}" if record["text"] else sentence
+    elif "prompt" in record:
+        field = "prompt" if role == "user" else "completion"
+        record[field] = f"{record[field]} {sentence}".strip()
+    else:
+        turn = next(m for m in record["messages"] if m["role"] == role)
+        turn["content"] = f"{turn['content']} {sentence}".strip()
+
+
+def build_records(canaries: list[dict[str, str]] | None = None) -> list[dict]:
+    records: list[dict] = []
+    for name in QA_MODULES:
+        for entry in module_entries(name):
+            for i, messages in enumerate(qa_records(entry)):
+                rec = _shape(messages, f"{entry.qualname}:{i}")
+                rec["source"] = f"pydoc:{entry.module}"
+                records.append(rec)
+        for messages in metadata_records(name):
+            records.append({**_shape(messages, f"meta:{name}"), "source": f"pydoc:{name}"})
+    for name in HELDOUT_MODULES:
+        for entry in module_entries(name):
+            head = f"{entry.qualname}{entry.signature or ''}" if entry.kind != "module" else f"Module {entry.qualname}"
+            records.append({"text": f"{head}\n\n{entry.doc}" if entry.doc else "", "source": f"pydoc:{name}"})
+    # plant each canary into a few records chosen by hash: some chat, some prompt/completion, some text
+    for k, canary in enumerate(canaries if canaries is not None else load_canaries()):
+        for j in range(PLANTS_PER_CANARY):
+            idx = zlib.crc32(f"plant:{k}:{j}".encode()) % len(records)
+            if j == PLANTS_PER_CANARY - 1:
+                # the last copy goes into held-out text, so every output split is exercised
+                texts = [i for i, r in enumerate(records) if "text" in r]
+                idx = texts[idx % len(texts)]
+            _plant(records[idx], canary)
+    return records
+
+
+def build_corpus(out: str | Path) -> int:
+    """Write the corpus to `out` (atomically); returns the number of records."""
+    out = Path(out)
+    records = build_records()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, out)
+    return len(records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_cleaning.sources.pydoc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="raw JSONL to write, e.g. data/raw/stdlib.jsonl")
+    args = parser.parse_args(argv)
+    n = build_corpus(args.out)
+    print(f"wrote {n} records to {args.out} (Python {sys.version.split()[0]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""All llama.cpp work runs here, in a child process: llama.cpp calls abort() on some bad inputs (a broken
+tokenizer, a truncated file), which would kill the whole pipeline with no message. The parent
+(`run_llama`) turns a dead child into a StageError naming the file.
+
+Protocol: one JSON request on stdin, one JSON reply as the last line of stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from workbench.workspace import StageError
+
+LLAMA_FTYPES = {
+    "F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+
+
+def run_llama(op: str, path: Path | str, timeout: float = 3600, **kwargs) -> dict:
+    """Run one llama.cpp operation on a GGUF file in a child process; a crash becomes a StageError naming the file."""
+    request = json.dumps({"op": op, "path": str(path), **kwargs})
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["GGML_NO_BACKTRACE"] = "1"  # an abort should print its reason, not attach gdb for a backtrace
+    try:
+        proc = subprocess.run([sys.executable, "-m", "quantize.llama_child"], input=request, capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=str(Path(__file__).resolve().parents[1]))
+    except subprocess.TimeoutExpired:
+        raise StageError(f"{path}: llama.cpp {op} did not finish within {timeout:.0f}s") from None
+    lines = proc.stdout.strip().splitlines()
+    reply = None
+    if lines:
+        try:
+            reply = json.loads(lines[-1])
+        except ValueError:
+            reply = None
+    if proc.returncode != 0 or reply is None:
+        if proc.returncode < 0:
+            how = f"was killed by {signal.Signals(-proc.returncode).name}"
+        else:
+            how = f"exited {proc.returncode}"
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        reasons = [ln for ln in lines if re.search(r"terminate|what\(\)|GGML_ASSERT|error|failed|abort", ln, re.I)]
+        tail = "\n    ".join((reasons or lines or ["(no output)"])[-6:])
+        raise StageError(f"{path}: llama.cpp {op} {how} (native abort: the file is likely malformed)\n    {tail}")
+    if "error" in reply:
+        raise StageError(f"{path}: llama.cpp {op}: {reply['error']}")
+    return reply
+
+
+# ---- child side -----------------------------------------------------------------------------------------
+
+def _load(path: str, vocab_only: bool = False, n_ctx: int = 512):
+    """A llama.cpp model with plain CPU weight buffers (no "extra" buffer types).
+
+    The extra buffer types repack weights for special kernels, among them Intel AMX tiles. On a CPU that
+    advertises AMX inside a VM or sandbox that does not actually enable it, the AMX kernels die with SIGILL
+    on the first quantized matmul (seen here: `tilezero` on Q8_0/Q4_K_M). Our checks need the numbers, not
+    the speed, so they use the portable kernels. `Llama` has no argument for this, so its default model
+    params are swapped for the duration of this one construction.
+    """
+    import llama_cpp.llama_cpp as lib
+    from llama_cpp import Llama
+
+    default_params = lib.llama_model_default_params
+
+    def portable_params():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = portable_params
+    try:
+        return Llama(model_path=path, vocab_only=vocab_only, n_ctx=n_ctx, n_threads=1, n_batch=n_ctx,
+                     logits_all=not vocab_only, verbose=False, seed=0)
+    finally:
+        lib.llama_model_default_params = default_params
+
+
+def op_quantize(req: dict) -> dict:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[req["type"]])
+    params.nthread = int(req.get("threads", 1))
+    rc = llama_cpp.llama_model_quantize(req["path"].encode(), req["output"].encode(), ctypes.byref(params))
+    if rc != 0:
+        return {"error": f"llama_model_quantize returned {rc} for type {req['type']}"}
+    return {}
+
+
+def op_chat_tokens(req: dict) -> dict:
+    """Render messages with the GGUF's own embedded template (the Jinja renderer llama-cpp-python uses for
+    chat completion) and tokenize with the GGUF's tokenizer; also tokenize the given raw texts."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = _load(req["path"], vocab_only=True)
+    meta = llm.metadata
+    template = meta.get("tokenizer.chat_template")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    out: dict = {"template": template, "add_bos": add_bos}
+
+    def tok_text(token_id: str | None) -> str:
+        return llm.detokenize([int(token_id)], special=True).decode("utf-8", "replace") if token_id is not None else ""
+
+    if req.get("messages") is not None:
+        if not template:
+            return {"error": "no tokenizer.chat_template in the file"}
+        fmt = Jinja2ChatFormatter(template, eos_token=tok_text(meta.get("tokenizer.ggml.eos_token_id")),
+                                  bos_token=tok_text(meta.get("tokenizer.ggml.bos_token_id")))
+        prompt = fmt(messages=req["messages"]).prompt
+        out["prompt"] = prompt
+        out["template_ids"] = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+    out["texts_ids"] = [llm.tokenize(t.encode("utf-8"), add_bos=add_bos, special=True) for t in req.get("texts", [])]
+    return out
+
+
+def op_generate(req: dict) -> dict:
+    """Greedy continuation of prompt token ids (argmax at each step, no sampling)."""
+    import numpy as np
+
+    ids = req["prompt_ids"]
+    n = int(req["max_new_tokens"])
+    llm = _load(req["path"], n_ctx=max(64, len(ids) + n + 8))
+    llm.eval(ids)
+    out = []
+    eog = set(req.get("stop_ids", []))
+    for _ in range(n):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        if nxt in eog:
+            break
+        llm.eval([nxt])
+    return {"ids": out, "text": llm.detokenize(out).decode("utf-8", "replace")}
+
+
+def op_perplexity(req: dict) -> dict:
+    """Sum of next-token NLL over windows of token ids (already tokenized by the caller, so every format
+    is scored on identical tokens)."""
+    import numpy as np
+
+    windows = req["windows"]
+    llm = _load(req["path"], n_ctx=max(len(w) for w in windows) + 8)
+    nll, count = 0.0, 0
+    for w in windows:
+        llm.reset()
+        llm.eval(w)
+        logits = np.asarray(llm.scores[: len(w) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
+        count += len(w) - 1
+    return {"nll": nll, "tokens": count}
+
+
+def _own_peak_rss_mb() -> float:
+    # VmHWM, not getrusage(): Linux carries the parent's high-water mark over fork+exec into ru_maxrss
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+OPS = {"quantize": op_quantize, "chat_tokens": op_chat_tokens, "generate": op_generate, "perplexity": op_perplexity}
+
+
+def main() -> None:
+    req = json.loads(sys.stdin.read())
+    try:
+        reply = OPS[req["op"]](req)
+    except (ValueError, RuntimeError, OSError) as exc:  # llama-cpp-python raises ValueError on a failed load
+        reply = {"error": f"{type(exc).__name__}: {exc}"}
+    reply["peak_rss_mb"] = _own_peak_rss_mb()
+    sys.stdout.write("\n" + json.dumps(reply) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The pieces of a training run that the stage and the throughput benchmark share, so the benchmark measures
+exactly what `accelerate launch train RECIPE` runs: model loading (dtype, attention, Liger, 4-bit), the peft
+config and the SFTConfig."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_base_model(base_dir: Path, section, plan, device_index: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, plan.dtype)
+    kwargs = {"dtype": dtype, "attn_implementation": plan.attention}
+    if plan.device == "cuda":
+        kwargs["device_map"] = {"": device_index}
+    if section.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if plan.liger_kernels:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # trl computes the loss with its own chunked LM head, so Liger's cross-entropy kernels stay off
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    return model
+
+
+def lora_config(section):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout, target_modules=section.target_modules,
+        use_dora=section.method == "dora", task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(section, plan, output_dir: Path, seed: int, is_main: bool, eos_token: str | None):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        seed=seed, data_seed=seed,
+        max_steps=section.max_steps or -1, num_train_epochs=section.epochs,
+        per_device_train_batch_size=section.batch_size,
+        per_device_eval_batch_size=section.eval_batch_size or section.batch_size,
+        gradient_accumulation_steps=section.grad_accum,
+        learning_rate=section.learning_rate, lr_scheduler_type=section.lr_scheduler,
+        warmup_steps=section.warmup_ratio, weight_decay=section.weight_decay, max_grad_norm=section.max_grad_norm,
+        bf16=plan.dtype == "bfloat16", fp16=plan.dtype == "float16", use_cpu=plan.device == "cpu",
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        torch_compile=plan.compile,
+        max_length=section.max_seq_len, assistant_only_loss=section.assistant_only_loss,
+        # best-fit-decreasing packing into rows of max_seq_len, flattened without padding (position_ids mark
+        # where each conversation starts, so attention never crosses one)
+        packing=plan.packing, packing_strategy="bfd", padding_free=plan.packing,
+        eos_token=eos_token,
+        logging_steps=section.logging_steps, logging_first_step=True, disable_tqdm=not is_main,
+        # checkpoints go to a staging directory and are promoted atomically by a callback; nothing is rotated
+        # by the Trainer, so an old complete checkpoint is never deleted before a new one is complete
+        save_strategy="steps", save_steps=section.save_steps, save_total_limit=None,
+        eval_strategy="no", report_to=[], dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )

@@ -1,0 +1,165 @@
+"""What training measures and where it goes: MLflow (the recipe's store) and metrics.json.
+
+Only the main process talks to MLflow. Every rank counts the tokens it trained on, so a DDP run can show that
+each rank did its share.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+# MLflow's dataset digest column holds 36 characters; the full fingerprint goes into a param as well.
+_DIGEST_LEN = 36
+
+
+class TokenCounter:
+    """Wraps the trainer's data collator (composition, not a subclass) to count the tokens each batch carries."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.batches = 0
+        self.tokens = 0  # input tokens that are not padding
+        self.trained_tokens = 0  # tokens that carry loss (assistant tokens with assistant-only loss)
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        self.batches += 1
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        labels = batch.get("labels")
+        if labels is not None:
+            self.trained_tokens += int((labels != -100).sum())
+        return batch
+
+    def reset(self) -> None:
+        self.batches = self.tokens = self.trained_tokens = 0
+
+    def state(self) -> dict:
+        return {"batches": self.batches, "tokens": self.tokens, "trained_tokens": self.trained_tokens}
+
+
+def peak_memory_mib(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsLogger(TrainerCallback):
+    """On every log: loss, lr, grad norm, tokens/s and peak memory to MLflow (main process) and to a history."""
+
+    def __init__(self, run_id: str | None, counter: TokenCounter, device: str, world_size: int):
+        self.run_id, self.counter, self.device, self.world_size = run_id, counter, device, world_size
+        self.history: list[dict] = []
+        self._last_time = None
+        self._last_tokens = 0
+        self.tokens_per_s: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time, self._last_tokens = time.perf_counter(), self.counter.tokens
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()  # the peak of training, not of loading and scoring the base
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if "loss" in metrics and self._last_time is not None:
+            now = time.perf_counter()
+            # the other ranks see batches of the same shape: local throughput times the world size
+            rate = (self.counter.tokens - self._last_tokens) / max(now - self._last_time, 1e-9) * self.world_size
+            self._last_time, self._last_tokens = now, self.counter.tokens
+            metrics["tokens_per_s"] = rate
+            self.tokens_per_s.append(rate)
+        metrics["peak_memory_mib"] = peak_memory_mib(self.device)
+        if not state.is_world_process_zero:
+            return
+        self.history.append({"step": state.global_step, **metrics})
+        if self.run_id:
+            log_metrics(self.run_id, metrics, state.global_step)
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+
+def start_run(recipe, resume_run_id: str | None, params: dict, clean_dir: Path, fingerprints: dict) -> str:
+    """Open (or reopen, after a crash) the training run; log params and the dataset digests. Returns the run id."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    from workbench.tracking import setup_mlflow
+
+    setup_mlflow(recipe)
+    if resume_run_id is not None:
+        try:
+            mlflow.get_run(resume_run_id)
+        except Exception:
+            resume_run_id = None  # the store was reset; a fresh run is honest
+    run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else f"{recipe.name}-train")
+    if resume_run_id is None:
+        mlflow.set_tags({"stage": "train", "recipe": recipe.name, "base_model": recipe.base_model.label})
+        mlflow.log_params(params)
+        for split, digest in sorted(fingerprints.items()):
+            source = LocalArtifactDatasetSource(str(clean_dir / split))
+            dataset = MetaDataset(source, name=f"{recipe.name}/clean/{split}", digest=str(digest)[:_DIGEST_LEN])
+            context = "training" if split == "train" else "evaluation"
+            mlflow.log_input(dataset, context=context)
+            mlflow.log_param(f"data.{split}.fingerprint", digest)
+    else:
+        mlflow.set_tag("resumed", "true")
+    return run.info.run_id
+
+
+def finish_run(run_id: str, metrics: dict[str, float], artifacts: list[Path]) -> None:
+    import mlflow
+
+    final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    mlflow.log_metrics(final, run_id=run_id)
+    for path in artifacts:
+        mlflow.log_artifact(str(path), run_id=run_id)
+    mlflow.end_run()
+
+
+def flatten_params(prefix: str, value) -> dict[str, str]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(flatten_params(f"{prefix}.{k}" if prefix else k, v))
+        return out
+    return {prefix: str(value)[:6000]}
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history if "loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, marker="o", ms=3, label="train loss")
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot(*zip(*evals), "s", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
