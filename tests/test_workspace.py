@@ -133,3 +133,14 @@ def test_wb_status_reads_manifests(recipe_path, run_cli):
     proc = run_cli("-m", "workbench", "status", str(recipe_path), check=True, env={"COLUMNS": "200"})
     rows = {line.split("│")[1].strip(): line for line in proc.stdout.splitlines() if line.count("│") >= 4}
     assert "done" in rows["clean"] and "missing" in rows["train"], proc.stdout
+
+
+def test_changed_raw_data_makes_clean_stale(recipe_path, tmp_path):
+    recipe = load_recipe(recipe_path)
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"text": "one"}\n')
+    recipe.data.raw = raw
+    _write_clean(recipe)
+    assert Workspace(recipe).status("clean") == "done"
+    raw.write_text('{"text": "two"}\n')
+    assert Workspace(recipe).status("clean") == "stale"

@@ -39,6 +39,9 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "publish": (("registry",), ("clean", "train", "quantize", "eval_gate")),
 }
 
+# stage -> data files (recipe `data` fields) whose *content* it depends on, not just their path
+DATA_FILES: dict[str, tuple[str, ...]] = {"clean": ("raw", "golden"), "eval_gate": ("golden",)}
+
 # How users run each stage alone (shown by `wb status`, used by `wb run`).
 STAGE_COMMANDS: dict[str, list[str]] = {
     "clean": ["-m", "data_cleaning"],
@@ -135,7 +138,12 @@ class Workspace:
         for s in inputs:
             p = self.stage_dir(s) / MANIFEST
             input_hashes[s] = manifest_hash(p) if p.is_file() else None
-        return {"section_sha256": self.recipe.section_hash(*sections), "inputs": input_hashes}
+        data_files = {}
+        for key in DATA_FILES.get(stage, ()):
+            p = Path(getattr(self.recipe.data, key))
+            data_files[key] = sha256_file(p) if p.is_file() else None
+        return {"section_sha256": self.recipe.section_hash(*sections), "inputs": input_hashes,
+                "data_files": data_files}
 
     def status(self, stage: str) -> str:
         """'done', 'stale' (inputs or recipe changed), or 'missing'. Reads manifests only."""
@@ -144,7 +152,8 @@ class Workspace:
             return "missing"
         fp = self.fingerprint(stage)
         recorded = {"section_sha256": m.get("section_sha256"),
-                    "inputs": {k: v.get("manifest_sha256") for k, v in m.get("inputs", {}).items()}}
+                    "inputs": {k: v.get("manifest_sha256") for k, v in m.get("inputs", {}).items()},
+                    "data_files": m.get("data_files", {})}
         return "done" if recorded == fp else "stale"
 
 
@@ -185,6 +194,7 @@ class StageOutput:
             "inputs": {
                 s: {"manifest_sha256": fp["inputs"][s], "manifest": ws.manifest(s)} for s in inputs
             },
+            "data_files": fp["data_files"],
             "files": hash_tree(self.dir),
             "libraries": library_versions(),
             "platform": {"python": sys.version.split()[0], "machine": platform.machine(), "system": platform.system()},
