@@ -36,6 +36,9 @@ def run(recipe: Recipe, args) -> int:
     # ---- setup: every check that does not need the model's weights, before any work --------------------
     ws = Workspace(recipe)
     adapter_dir = ws.require("train") / "adapter"
+    if not args.force and ws.status("train") == "done" and ws.status("quantize") == "done":
+        print(f"quantize: {ws.stage_dir('quantize')} is up to date (use --force to rebuild)")
+        return 0
     plan = preflight(recipe, ws, adapter_dir)
 
     with stage_output(recipe, "quantize", force=args.force) as out:

@@ -289,6 +289,13 @@ def write_recipe(root: Path, base_dir: Path, name: str, **overrides) -> Path:
     data["name"] = name
     data["workspace"] = str(root / "runs")
     data["base_model"] = {"path": str(base_dir), "sha256": weight_hashes(base_dir)}
+    # the stages' freshness depends on the data files' content: tiny files of our own, not the repo's
+    chat = {"messages": [{"role": "user", "content": "What does os.path.join do?"},
+                         {"role": "assistant", "content": "It joins path components."}]}
+    (root / "raw.jsonl").write_text(json.dumps(chat) + "\n")
+    (root / "golden.jsonl").write_text(json.dumps(chat) + "\n")
+    data["data"] = {**data["data"], "raw": str(root / "raw.jsonl"), "golden": str(root / "golden.jsonl"),
+                    "build": None}
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(data.get(section), dict):
             data[section].update(values)

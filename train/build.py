@@ -63,6 +63,7 @@ def sft_config(section, plan, output_dir: Path, seed: int, is_main: bool, eos_to
         # checkpoints go to a staging directory and are promoted atomically by a callback; nothing is rotated
         # by the Trainer, so an old complete checkpoint is never deleted before a new one is complete
         save_strategy="steps", save_steps=section.save_steps, save_total_limit=None,
-        eval_strategy="no", report_to=[], dataloader_num_workers=0,
+        # evaluation needs the loss only: keeping every batch's logits would hold vocab x tokens floats in memory
+        eval_strategy="no", prediction_loss_only=True, report_to=[], dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from workbench.workspace import StageError
 
-CHATML_PATH = Path(__file__).with_name("templates") / "chatml.jinja"
+CHATML_PATH = Path(__file__).with_name("chatml.jinja")  # next to the modules: shipped by the "*.jinja" package-data rule
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 

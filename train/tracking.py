@@ -153,9 +153,12 @@ def plot_loss(history: list[dict], path: Path) -> None:
     losses = [h["loss"] for h in history if "loss" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, marker="o", ms=3, label="train loss")
+    base = [(h["step"], h["base_eval_loss"]) for h in history if "base_eval_loss" in h]
+    if base:
+        ax.plot(*zip(*base[-1:]), "^", color="grey", label="base eval loss")
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if evals:
-        ax.plot(*zip(*evals), "s", label="eval loss")
+        ax.plot(*zip(*evals[-1:]), "s", label="fine-tune eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
