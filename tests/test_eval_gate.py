@@ -136,11 +136,8 @@ def test_section_rejects_unknown_keys_and_keeps_drift_defaults():
     s = EvalGateSection.model_validate({"drift": {"limits": {"Q2_K": {"max_kld": 0.1, "min_top1": 0.9, "max_ppl_ratio": 1.1}}}})
     assert s.drift.limits["Q2_K"].max_kld == 0.1
     assert s.drift.limits["Q8_0"].max_kld == EvalGateSection().drift.limits["Q8_0"].max_kld
-    # the first, flat keys still load; the nested key wins when both are given
-    old = EvalGateSection.model_validate({"golden_min_pass_rate": 0.7, "perplexity_margin": 0.1})
-    assert (old.golden.min_pass_rate, old.perplexity.margin) == (0.7, 0.1)
-    both = EvalGateSection.model_validate({"golden_min_pass_rate": 0.7, "golden": {"min_pass_rate": 0.2}})
-    assert both.golden.min_pass_rate == 0.2
+    with pytest.raises(Exception, match="extra"):
+        EvalGateSection.model_validate({"golden_min_pass_rate": 0.7})
 
 
 def _lp(logits: np.ndarray) -> np.ndarray:

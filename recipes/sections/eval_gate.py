@@ -122,18 +122,3 @@ class EvalGateSection(StrictModel):
     champion: ChampionCheck = Field(default_factory=ChampionCheck)
     cost: CostTable = Field(default_factory=CostTable)
     gguf_timeout_s: float = Field(900.0, gt=0.0, description="wall-clock limit of the llama.cpp child per GGUF file")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flat_keys(cls, data):
-        # the first schema was flat; recipes written against it keep working
-        if isinstance(data, dict):
-            moves = {"golden_min_pass_rate": ("golden", "min_pass_rate"), "max_new_tokens": ("golden", "max_new_tokens"),
-                     "perplexity_margin": ("perplexity", "margin")}
-            data = dict(data)
-            for old, (section, key) in moves.items():
-                if old in data:
-                    value = data.pop(old)
-                    # the nested key wins when both are given
-                    data[section] = {key: value, **(data.get(section) or {})}
-        return data
