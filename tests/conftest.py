@@ -38,6 +38,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; a later subprocess would use the wrong store."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a save_pretrained directory (imported from the wheel's GGUF)."""
