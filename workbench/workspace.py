@@ -146,11 +146,14 @@ class Workspace:
                 "data_files": data_files}
 
     def status(self, stage: str) -> str:
-        """'done', 'stale' (inputs or recipe changed), or 'missing'. Reads manifests only."""
+        """'done', 'stale' (its recipe sections, data files or inputs changed, or an input is not done
+        itself), or 'missing'. Reads manifests only."""
         m = self.manifest(stage)
         if m is None:
             return "missing"
         fp = self.fingerprint(stage)
+        if any(self.status(s) != "done" for s in STAGES[stage][1]):
+            return "stale"  # an input will be re-made, so this output will be too
         recorded = {"section_sha256": m.get("section_sha256"),
                     "inputs": {k: v.get("manifest_sha256") for k, v in m.get("inputs", {}).items()},
                     "data_files": m.get("data_files", {})}
