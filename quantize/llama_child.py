@@ -60,30 +60,11 @@ def run_llama(op: str, path: Path | str, timeout: float = 3600, **kwargs) -> dic
 # ---- child side -----------------------------------------------------------------------------------------
 
 def _load(path: str, vocab_only: bool = False, n_ctx: int = 512):
-    """A llama.cpp model with plain CPU weight buffers (no "extra" buffer types).
-
-    The extra buffer types repack weights for special kernels, among them Intel AMX tiles. On a CPU that
-    advertises AMX inside a VM or sandbox that does not actually enable it, the AMX kernels die with SIGILL
-    on the first quantized matmul (seen here: `tilezero` on Q8_0/Q4_K_M). Our checks need the numbers, not
-    the speed, so they use the portable kernels. `Llama` has no argument for this, so its default model
-    params are swapped for the duration of this one construction.
-    """
-    import llama_cpp.llama_cpp as lib
+    """A llama.cpp model for checks: one thread and fixed seed, so the numbers repeat run to run."""
     from llama_cpp import Llama
 
-    default_params = lib.llama_model_default_params
-
-    def portable_params():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    lib.llama_model_default_params = portable_params
-    try:
-        return Llama(model_path=path, vocab_only=vocab_only, n_ctx=n_ctx, n_threads=1, n_batch=n_ctx,
-                     logits_all=not vocab_only, verbose=False, seed=0)
-    finally:
-        lib.llama_model_default_params = default_params
+    return Llama(model_path=path, vocab_only=vocab_only, n_ctx=n_ctx, n_threads=1, n_batch=n_ctx,
+                 logits_all=not vocab_only, verbose=False, seed=0)
 
 
 def op_quantize(req: dict) -> dict:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import difflib
 import typing
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from .schema import Recipe
+from .sections.quantize import architecture_problem, read_model_config
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,16 @@ def _cross_section_problems(data: dict, lines: dict[tuple, int], name: str) -> l
         if "gguf" in kinds or "awq" in kinds:
             problems.append(Problem(name, _nearest_line(lines, ("quantize", "merge")), "quantize.merge",
                                     "gguf and awq targets are built from the merged model; set merge: true"))
+    base = data.get("base_model")
+    if isinstance(quantize, dict) and isinstance(base, dict):
+        # an architecture the quantize stage cannot handle fails here, not after an hour of training
+        targets = quantize.get("targets") or []
+        needs_gguf = any(isinstance(t, dict) and t.get("kind") == "gguf" for t in targets)
+        where = SimpleNamespace(path=base.get("path"), hub_id=base.get("hub_id"), revision=base.get("revision"))
+        config = read_model_config(where)
+        problem = architecture_problem(config, needs_gguf=needs_gguf) if config else None
+        if problem:
+            problems.append(Problem(name, _nearest_line(lines, ("base_model",)), "base_model", problem))
     return problems
 
 

@@ -133,3 +133,13 @@ def test_wb_validate_exit_codes_and_no_torch_import(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "HEAVY=\n" in out.stdout, out.stdout
+
+
+def test_unsupported_architecture_fails_at_validation(tmp_path, make_recipe):
+    base = tmp_path / "gpt2"
+    base.mkdir()
+    (base / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    (base / "model.safetensors").write_bytes(b"weights")
+    path = make_recipe(base_dir=base)
+    with pytest.raises(RecipeError, match=r"base_model: base model architecture 'GPT2LMHeadModel' is not supported"):
+        load_recipe(path)

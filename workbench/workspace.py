@@ -34,7 +34,7 @@ MANIFEST = "manifest.json"
 STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "clean": (("base_model", "data", "cleaning"), ()),
     "train": (("base_model", "train"), ("clean",)),
-    "quantize": (("base_model", "quantize"), ("train",)),
+    "quantize": (("base_model", "quantize"), ("clean", "train")),  # clean: AWQ calibrates on domain data
     "eval_gate": (("base_model", "data", "eval_gate"), ("clean", "train", "quantize")),
     "publish": (("registry",), ("clean", "train", "quantize", "eval_gate")),
 }
