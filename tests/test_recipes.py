@@ -64,7 +64,7 @@ def test_broken_recipe_lists_every_problem_with_line_and_path(tmp_path):
         (12, "train.learnng_rate"),        # typo
         (13, "train.batch_size"),          # wrong type
         (15, "quantize.merge"),            # cross-section rule
-        (18, "quantize.targets.0.types.1"),  # unknown GGUF type
+        (18, "quantize.targets.0.types"),  # unknown GGUF type
     }
     assert expected <= got, sorted(got)
     text = str(info.value)
