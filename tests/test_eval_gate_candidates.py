@@ -91,6 +91,7 @@ def honest(env, tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "eval_gate", str(recipe)], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     out = recipe.parent / "runs" / "honest" / "eval_gate"
+    assert (out / "verdict.json").is_file(), f"the gate reached no verdict (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return recipe, proc, json.loads((out / "verdict.json").read_text()), out
 
 
