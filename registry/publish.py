@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from workbench.workspace import StageError, Workspace, manifest_hash, stage_output, verify_tree
+from workbench.workspace import StageError, Workspace, manifest_hash, pid_alive, stage_output, verify_tree
 
 from .files import SHA256_MANIFEST, dump_manifest, manifest_digest, pickle_problem
 from .store import COMPLETE, FILES_DIGEST_TAG, STATUS_TAG, logged_model_id, move_alias, retry
@@ -284,7 +284,7 @@ def mark_interrupted_publishes(client, exp_id: str, model_name: str) -> None:
     dead: set[str] = set()
     for lm in pending_logged_models(client, exp_id):
         pid = lm.tags.get("publish.pid", "")
-        if lm.name == model_name and lm.tags.get("publish.host") == host and pid.isdigit() and not _alive(int(pid)):
+        if lm.name == model_name and lm.tags.get("publish.host") == host and pid.isdigit() and not pid_alive(int(pid)):
             client.finalize_logged_model(lm.model_id, "FAILED")
             dead.add(lm.model_id)
             print(f"publish: marked interrupted upload {lm.model_id} (pid {pid}) FAILED", file=sys.stderr)
@@ -294,7 +294,7 @@ def mark_interrupted_publishes(client, exp_id: str, model_name: str) -> None:
         return
     for v in versions:
         pid = v.tags.get("publish.pid", "")
-        died = v.tags.get("publish.host") == host and pid.isdigit() and not _alive(int(pid))
+        died = v.tags.get("publish.host") == host and pid.isdigit() and not pid_alive(int(pid))
         if v.tags.get(STATUS_TAG) == "incomplete" and (logged_model_id(v) in dead or died):
             client.set_model_version_tag(model_name, v.version, STATUS_TAG, "failed")
             print(f"publish: marked interrupted version {model_name} v{v.version} failed", file=sys.stderr)
@@ -322,16 +322,6 @@ def redact(uri: str) -> str:
         host = parts.hostname + (f":{parts.port}" if parts.port else "")
         return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
     return uri
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _digest(fingerprints: dict) -> str:

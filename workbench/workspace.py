@@ -244,7 +244,7 @@ def open_stage(recipe: Recipe, stage: str, force: bool = False) -> StageOutput:
     for leftover in ws.root.glob(f".tmp-{stage}-*"):
         # a killed earlier attempt; its pid is gone, its partial output is worthless
         pid = leftover.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _pid_alive(int(pid))):
+        if not (pid.isdigit() and pid_alive(int(pid))):
             shutil.rmtree(leftover, ignore_errors=True)
     tmp = ws.root / f".tmp-{stage}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -274,7 +274,8 @@ class stage_output:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
