@@ -215,8 +215,10 @@ def test_mlflow_ui_shows_the_version_and_a_reviewer_approves_it_there(server, on
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_context(http_credentials={"username": admin[0], "password": admin[1]}).new_page()
-            page.goto(f"{uri}/#/models/{MODEL}/versions/{v}", wait_until="networkidle", timeout=120_000)
-            page.get_by_text(f"Version {v}").first.wait_for(timeout=60_000)
+            # the UI keeps polling the server, so "network idle" may never come: wait for what must be shown
+            page.goto(f"{uri}/#/models/{MODEL}/versions/{v}", wait_until="load", timeout=120_000)
+            for text in (f"Version {v}", "gate.passed", "Eval gate: PASSED"):
+                page.get_by_text(text).first.wait_for(timeout=120_000)
             body_text = page.inner_text("body")
             assert "@ candidate" in body_text or "candidate" in body_text
             for tag in ("gate.passed", "metric.golden_pass_rate", "files.sha256", "train.run_id", "dataset.digest"):
