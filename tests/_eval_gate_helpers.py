@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
+from conftest import write_recipe  # noqa: F401  (re-exported for the eval_gate tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,28 +39,6 @@ def domain_chat(i: int) -> list[dict]:
     m, d = MODULES[i % len(MODULES)]
     return [{"role": "user", "content": f"What does the {m} module do?"},
             {"role": "assistant", "content": f"The {m} module {d}."}]
-
-
-def write_recipe(root: Path, name: str, base_dir: Path, **overrides) -> Path:
-    """A copy of the demo recipe with its workspace under root (like conftest's make_recipe, any scope)."""
-    from workbench.base import weight_hashes
-
-    data = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
-    data["name"] = name
-    data["workspace"] = str(root / "runs")
-    data["base_model"] = {"path": str(base_dir), "sha256": weight_hashes(base_dir)}
-    _merge(data, overrides)
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def _merge(dst: dict, src: dict) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

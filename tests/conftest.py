@@ -81,26 +81,28 @@ def tiny_model_dir(smollm2_dir) -> Path:
     return out
 
 
+def write_recipe(root: Path, name: str, base_dir: Path | None = None, **overrides) -> Path:
+    """A copy of the demo recipe at root/<name>.yaml with its workspace in root/runs and `overrides` merged in
+    (nested dicts merge; lists and scalars replace). Usable from fixtures of any scope."""
+    from workbench.base import weight_hashes
+
+    data = yaml.safe_load(DEMO_RECIPE.read_text())
+    data["name"] = name
+    data["workspace"] = str(root / "runs")
+    if base_dir is not None:
+        data["base_model"] = {"path": str(base_dir), "sha256": weight_hashes(base_dir)}
+    _merge(data, overrides)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def make_recipe(tmp_path):
-    """Write a copy of the demo recipe with its workspace in tmp_path and `overrides` merged in.
-
-    make_recipe(base_dir=path, train={"max_steps": 2}) -> Path of the new YAML. Nested dicts merge;
-    lists and scalars replace.
-    """
+    """make_recipe(base_dir=path, train={"max_steps": 2}) -> a demo recipe copy in tmp_path (see write_recipe)."""
 
     def _make(base_dir: Path | None = None, name: str = "test", **overrides) -> Path:
-        from workbench.base import weight_hashes
-
-        data = yaml.safe_load(DEMO_RECIPE.read_text())
-        data["name"] = name
-        data["workspace"] = str(tmp_path / "runs")
-        if base_dir is not None:
-            data["base_model"] = {"path": str(base_dir), "sha256": weight_hashes(base_dir)}
-        _merge(data, overrides)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        return path
+        return write_recipe(tmp_path, name, base_dir, **overrides)
 
     return _make
 
