@@ -78,6 +78,8 @@ class StepTimer:
             def on_step_end(self, *a, **k):
                 timer._sync()
                 timer.times.append(time.perf_counter() - timer._start)
+                # progress on stderr: a config stopped by --timeout still shows how far it got and how fast
+                print(f"step {len(timer.times)}: {timer.times[-1]:.3f} s", file=sys.stderr, flush=True)
 
         self.callback = _CB()
         self.times: list[float] = []
@@ -201,7 +203,11 @@ def run_workbench(config: str, cfg, seqs, n_seq: int, steps: int, max_len: int, 
     plan = plan_run(section, cfg)
     base_dir = Path(tempfile.mkdtemp(prefix="bench-base-"))
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16 if cuda else torch.float32).save_pretrained(base_dir)
+    with torch.device("cuda" if cuda else "cpu"):  # random init of 1.2B parameters on the CPU alone takes a minute
+        LlamaForCausalLM(cfg).to(torch.bfloat16 if cuda else torch.float32).save_pretrained(base_dir)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model = load_base_model(base_dir, section, plan)
     n_params = sum(p.numel() for p in model.parameters())
     args = sft_config(section, plan, Path(tempfile.mkdtemp(prefix="bench-wb-")), 0, True, None)
@@ -230,6 +236,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="2-layer model, a few steps: a CPU smoke run")
     parser.add_argument("--configs", default=",".join(BASELINES + WORKBENCH))
     parser.add_argument("--n-seq", type=int, default=None, help="sequences per step (default 32; tiny: 8)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds allowed to each config's process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     n_seq = args.n_seq or (8 if args.tiny else 32)
@@ -242,10 +249,20 @@ def main() -> int:
         if config not in BASELINES + WORKBENCH:
             parser.error(f"unknown config {config!r}; choose from {', '.join(BASELINES + WORKBENCH)}")
         cmd = [sys.executable, __file__, "--worker", config, "--n-seq", str(n_seq)] + (["--tiny"] if args.tiny else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        # the repository first, then whatever the caller put on the path
+        path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                  env=dict(os.environ, PYTHONPATH=path))
+        except subprocess.TimeoutExpired as e:
+            tail = (e.stderr or b"")[-1500:]
+            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            print(f"{config}: no result within {args.timeout:.0f} s\n{tail}", file=sys.stderr, flush=True)
+            results.append({"config": config, "error": "timeout"})
+            continue
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            print(f"{config}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
+            print(f"{config}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
             results.append({"config": config, "error": proc.returncode})
             continue
         res = json.loads(line[len("RESULT "):])

@@ -3,6 +3,7 @@ exactly what `accelerate launch train RECIPE` runs: model loading (dtype, attent
 config and the SFTConfig."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -67,3 +68,23 @@ def sft_config(section, plan, output_dir: Path, seed: int, is_main: bool, eos_to
         eval_strategy="no", prediction_loss_only=True, report_to=[], dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
+
+
+@contextmanager
+def evaluation_attention(model, plan):
+    """Score without gradients through sdpa when training runs on flex attention.
+
+    Flex attention's kernels are compiled for training rows; under no_grad, short rows take its decoding kernel,
+    which failed to compile on an H200 (torch 2.11: NoValidChoicesError for a 4 x 120-token batch). Evaluation
+    gains nothing from flex: sdpa gives the same values (packed rows keep their per-conversation mask, since trl
+    calls the model with use_cache=False) and needs no compilation.
+    """
+    if plan.attention != "flex_attention":
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(plan.attention)

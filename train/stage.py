@@ -57,7 +57,7 @@ def train(recipe: Recipe, ws: Workspace, store, out_dir: Path | None, state) -> 
 
     from workbench.base import resolve_base
 
-    from .build import load_base_model, lora_config, sft_config
+    from .build import evaluation_attention, load_base_model, lora_config, sft_config
     from .chat_template import resolve_chat_template
     from .checkpoints import PromoteCheckpoints
     from .fast_path import check_fast_path, plan_run
@@ -120,7 +120,7 @@ def train(recipe: Recipe, ws: Workspace, store, out_dir: Path | None, state) -> 
     trainer.add_callback(logger)
 
     # --- run: score the base, train, score the fine-tune -------------------------------------------------------
-    with trainer.model.disable_adapter():
+    with trainer.model.disable_adapter(), evaluation_attention(trainer.model, plan):
         base_eval = trainer.evaluate(metric_key_prefix="base_eval")
         base_heldout = _heldout_ppl(trainer.model, tokenizer, heldout, section, is_main, text_perplexity)
     if is_main and resume_from is not None:
@@ -128,8 +128,9 @@ def train(recipe: Recipe, ws: Workspace, store, out_dir: Path | None, state) -> 
     counter.reset()  # count training batches only, not the evaluation above
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trained = counter.state()
-    final_eval = trainer.evaluate()
-    heldout_ppl = _heldout_ppl(trainer.model, tokenizer, heldout, section, is_main, text_perplexity)
+    with evaluation_attention(trainer.model, plan):
+        final_eval = trainer.evaluate()
+        heldout_ppl = _heldout_ppl(trainer.model, tokenizer, heldout, section, is_main, text_perplexity)
     ranks = _gather_ranks(state, trained)
 
     # --- save: adapter + tokenizer + template + generation config, metrics, plot, MLflow -----------------------
