@@ -61,24 +61,13 @@ def verify_files(root: Path, files: dict[str, dict[str, Any]], prefix: str = "")
 
     Also lists files present under the prefix that the manifest does not name (nothing unverified is served).
     """
-    from workbench.workspace import sha256_file
+    from workbench.workspace import verify_tree
 
-    problems = []
-    wanted = {rel: info for rel, info in files.items() if rel.startswith(prefix)}
-    if not wanted:
-        problems.append(f"{root}: the sha256 manifest lists no file under {prefix or '/'!r}")
-    for rel, info in sorted(wanted.items()):
-        p = root / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif p.stat().st_size != info["size"]:
-            problems.append(f"{rel}: size {p.stat().st_size} != {info['size']} in the manifest")
-        elif sha256_file(p) != info["sha256"]:
-            problems.append(f"{rel}: sha256 mismatch (tampered or corrupted)")
-        else:
-            bad = pickle_problem(p)
-            if bad:
-                problems.append(bad)
+    wanted = dict(sorted((rel, info) for rel, info in files.items() if rel.startswith(prefix)))
+    problems = [] if wanted else [f"{root}: the sha256 manifest lists no file under {prefix or '/'!r}"]
+    problems += verify_tree(root, wanted)
+    # a pickle is refused even when its bytes are the ones that were published
+    problems += [bad for rel in wanted if (root / rel).is_file() and (bad := pickle_problem(root / rel))]
     base = root / prefix if prefix else root
     if base.exists():
         for p in sorted(base.rglob("*") if base.is_dir() else [base]):

@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from conftest import write_recipe  # noqa: F401  (re-exported for the eval_gate tests)
+from conftest import build_tiny_llama, write_recipe  # noqa: F401  (write_recipe: re-exported for the eval_gate tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,22 +52,7 @@ def make_peaked_tiny_llama(out: Path, tokenizer_dir: Path) -> Path:
     does not flip near-ties: drift thresholds can then tell an honest quantization from a broken one."""
     if (out / "config.json").is_file():
         return out
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=0.25,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    LlamaForCausalLM(cfg).save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    return build_tiny_llama(out, tokenizer_dir, initializer_range=0.25)
 
 
 def train_lora(base_dir: Path, out_dir: Path, texts: list[str], steps: int, lr: float = 5e-3, r: int = 8) -> Path:

@@ -62,17 +62,23 @@ def tiny_model_dir(smollm2_dir) -> Path:
     out = CACHE / "tiny-llama"
     if (out / "config.json").is_file():
         return out
+    return build_tiny_llama(out, smollm2_dir)
+
+
+def build_tiny_llama(out: Path, tokenizer_dir: Path, **config) -> Path:
+    """A 2-layer Llama (random weights, seed 0) with the tokenizer of tokenizer_dir, written atomically to out;
+    `config` overrides LlamaConfig fields."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = LlamaConfig(**{
+        "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+        "tie_word_embeddings": True, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id, **config,
+    })
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     LlamaForCausalLM(cfg).save_pretrained(tmp, safe_serialization=True)
