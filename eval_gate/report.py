@@ -34,6 +34,15 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _plots(out_dir: Path, checks: list[C.Check], tables: dict[str, Any], evals: dict) -> list[str]:
     import matplotlib
 
@@ -55,10 +64,7 @@ def _plots(out_dir: Path, checks: list[C.Check], tables: dict[str, Any], evals: 
         ax.set_ylim(0, 1)
         ax.set_title("Golden set per artifact")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "golden.png", dpi=110)
-        plt.close(fig)
-        made.append("golden.png")
+        made.append(_save(fig, out_dir / "golden.png"))
     # 2. gating checks: value relative to threshold (pass/fail colours)
     gating = [c for c in checks if c.gating and c.value is not None]
     if gating:
@@ -73,10 +79,7 @@ def _plots(out_dir: Path, checks: list[C.Check], tables: dict[str, Any], evals: 
         ax.set_xlim(0, 1)
         ax.invert_yaxis()
         ax.set_title("Gating checks")
-        fig.tight_layout()
-        fig.savefig(out_dir / "checks.png", dpi=110)
-        plt.close(fig)
-        made.append("checks.png")
+        made.append(_save(fig, out_dir / "checks.png"))
     # 3. KLD per quant type, with each type's limit
     if tables["drift"]:
         rows = tables["drift"]
@@ -88,10 +91,7 @@ def _plots(out_dir: Path, checks: list[C.Check], tables: dict[str, Any], evals: 
         ax.set_ylabel("nats / token")
         ax.set_title("KL divergence vs full-precision parent")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "kld.png", dpi=110)
-        plt.close(fig)
-        made.append("kld.png")
+        made.append(_save(fig, out_dir / "kld.png"))
     # 4. latency distribution per GGUF
     if tables["latency"]:
         rows = tables["latency"]
@@ -102,10 +102,7 @@ def _plots(out_dir: Path, checks: list[C.Check], tables: dict[str, Any], evals: 
         a2.boxplot([r["tokens_per_s"] for r in rows], whis=(5, 95))
         a2.set_xticks(range(1, len(rows) + 1), [r["artifact"] for r in rows], rotation=20)
         a2.set_title("decode tokens/s")
-        fig.tight_layout()
-        fig.savefig(out_dir / "latency.png", dpi=110)
-        plt.close(fig)
-        made.append("latency.png")
+        made.append(_save(fig, out_dir / "latency.png"))
     return made
 
 
