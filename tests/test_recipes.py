@@ -119,18 +119,22 @@ def test_wb_validate_exit_codes_and_no_torch_import(tmp_path):
     assert good.returncode == 0, good.stderr
     # --help and validate must stay fast: they may not import torch (or transformers)
     probe = textwrap.dedent("""
-        import contextlib, sys
+        import sys
         from workbench.cli import main
         for argv in (["validate", "recipes/demo.yaml"], ["status", "recipes/demo.yaml"]):
             main(argv)
-        with contextlib.suppress(SystemExit):  # --help exits 0 after printing
-            main(["--help"])
+        for argv in (["--help"], ["promote", "--help"], ["pull", "--help"]):
+            try:
+                main(argv)
+            except SystemExit as exc:  # --help exits 0 after printing
+                assert exc.code == 0, (argv, exc.code)
         heavy = sorted(m for m in ("torch", "transformers", "mlflow", "llama_cpp", "datasets") if m in sys.modules)
         print("HEAVY=" + ",".join(heavy))
         """)
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "HEAVY=\n" in out.stdout, out.stdout
+    assert "usage: wb promote" in out.stdout and "--alias ALIAS" in out.stdout and "--format FORMAT" in out.stdout
 
 
 def test_unsupported_architecture_fails_at_validation(tmp_path, make_recipe):

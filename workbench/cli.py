@@ -134,10 +134,13 @@ def cmd_base(args) -> int:
     return 0
 
 
-def _registry(args) -> int:
-    from registry.cli import main as registry_main
-
-    return registry_main(args.registry_argv)
+REGISTRY_COMMANDS = {
+    "promote": "move @champion to an approved, gate-passing version",
+    "rollback": "move @champion back to @previous",
+    "pull": "download a registered version, verify every sha256",
+    "ui": "start the MLflow UI on the workspace's store",
+    "approve": "set the approval tag on a version",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,21 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("dir")
     b.set_defaults(fn=cmd_base)
 
-    for name, help_ in (("promote", "move @champion to an approved, gate-passing version"),
-                        ("rollback", "move @champion back to @previous"),
-                        ("pull", "download a registered version, verify every sha256"),
-                        ("ui", "start the MLflow UI on the workspace's store"),
-                        ("approve", "set the approval tag on a version")):
-        rp = sub.add_parser(name, help=help_, add_help=False)
-        rp.add_argument("registry_argv", nargs=argparse.REMAINDER)
-        rp.set_defaults(fn=_registry, registry_cmd=name)
+    for name, help_ in REGISTRY_COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)  # listed here; parsed by registry.cli (see main)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in REGISTRY_COMMANDS:
+        # the registry's own parser takes the whole command line, so `wb promote --help` and options before the
+        # model name work as they do for `python -m registry`
+        from registry.cli import main as registry_main
+
+        return int(registry_main(argv) or 0)
     args = build_parser().parse_args(argv)
-    if getattr(args, "registry_cmd", None):
-        args.registry_argv = [args.registry_cmd] + args.registry_argv
     return int(args.fn(args) or 0)
 
 
