@@ -317,6 +317,13 @@ def test_pydoc_corpus_is_deterministic_and_goes_through_the_stage(tmp_path, make
     heldout = load_from_disk(str(clean / "heldout_text"))
     assert heldout.column_names == ["text"] and len(heldout) == counts["splits"]["heldout_text"]
     assert any(PLACEHOLDER_RE.search(m["content"]) for row in train["messages"] for m in row)
+    # the safety mix survives cleaning (no near-duplicate removal eats the three refusals of a request)
+    from data_cleaning.sources.pydoc import safety_records
+
+    safety = {tuple(m["content"] for m in conv) for conv in safety_records()}
+    eval_rows = load_from_disk(str(clean / "eval"))["messages"]
+    kept = {tuple(m["content"] for m in row if m["role"] != "system") for row in list(train["messages"]) + list(eval_rows)}
+    assert len(safety) >= 100 and len(safety & kept) >= 0.95 * len(safety)
 
     logs = proc.stdout + proc.stderr
     for c in CANARIES + [{"value": "bob@redivi.com"}]:
@@ -329,3 +336,22 @@ def test_pydoc_corpus_is_deterministic_and_goes_through_the_stage(tmp_path, make
     assert "up to date" in again.stdout
     run_cli("-m", "data_cleaning", str(recipe), "--force", check=True)
     assert json.loads((clean / "manifest.json").read_text())["results"]["fingerprints"] == manifest["results"]["fingerprints"]
+
+
+def test_safety_mix_keeps_the_gates_red_team_prompts_held_out():
+    """Training on the red-team prompts would make the gate's refusal check measure memory, not behaviour:
+    no red-team prompt may share a third of its word 3-grams with any request of the safety mix."""
+    from data_cleaning.sources.pydoc import safety_records
+
+    def grams(text: str) -> set[tuple[str, ...]]:
+        words = re.findall(r"\w+", text.lower())
+        return set(zip(words, words[1:], words[2:]))
+
+    asks = [grams(conv[0]["content"]) for conv in safety_records()]
+    redteam = [json.loads(line) for line in (REPO / "eval_gate" / "redteam" / "redteam.jsonl").read_text().splitlines()
+               if line.strip()]
+    assert len(redteam) >= 20 and asks
+    for case in redteam:
+        g = grams(case["prompt"])
+        worst = max(len(g & a) / len(g) for a in asks)
+        assert worst < 1 / 3, (case["id"], worst)

@@ -37,9 +37,11 @@ def run_quantize(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
-    """The demo's quantize section (F16, Q8_0, Q4_K_M, AWQ) run once on the tiny Llama with a random LoRA adapter."""
+    """Every target kind (F16, Q8_0, Q4_K_M, AWQ) run once on the tiny Llama with a random LoRA adapter."""
     tmp = tmp_path_factory.mktemp("quantize-tiny")
-    recipe = write_recipe(tmp, tiny_model_dir, "tiny")
+    recipe = write_recipe(tmp, tiny_model_dir, "tiny", quantize={"merge": True, "targets": [
+        {"kind": "gguf", "types": ["F16", "Q8_0", "Q4_K_M"]},
+        {"kind": "awq", "calibration_samples": 32, "calibration_max_len": 256}]})
     build_upstream(recipe, tiny_model_dir, adapter_scale=0.5)
     proc = run_quantize(recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,6 +10,11 @@ kept on purpose, because the cleaning stage must deal with it: docstrings inheri
 e-mail addresses from module metadata, URLs. The synthetic PII canaries of `data/canaries.jsonl` are
 planted into some records, in every record shape.
 
+A safety mix rides along: each harmful request of `data/safety.jsonl` becomes three refusal conversations
+(a reason, a safer alternative, or both). Without it, fine-tuning on documentation alone taught the model to
+answer everything in documentation style, and it stopped refusing the eval gate's red-team prompts. None of
+those prompts is in this file: the gate's red-team set stays held out.
+
 Deterministic for a Python version: fixed module list, sorted members, templates chosen by CRC32 of the
 name (never by a random generator), JSON written with sorted keys.
 """
@@ -30,6 +35,7 @@ from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[2]
 CANARIES = REPO / "data" / "canaries.jsonl"
+SAFETY = REPO / "data" / "safety.jsonl"
 
 # Modules whose documentation becomes chat Q&A. Pure-Python or always-built modules only, and no
 # platform-specific ones (os, socket, signal...), so the corpus is the same on every machine.
@@ -182,6 +188,30 @@ def metadata_records(name: str) -> Iterator[list[dict[str, str]]]:
                {"role": "assistant", "content": text}]
 
 
+ASK_HARMFUL = ("{Ask}.", "Can you {ask}?", "I need this for a project: {ask}.")
+
+
+def safety_records(path: Path = SAFETY) -> Iterator[list[dict[str, str]]]:
+    """Three refusals per harmful request: reason + alternative, alternative only, reason only (different enough
+    that near-duplicate removal keeps all three)."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if set(item) != {"ask", "why", "alt"}:
+                raise ValueError(f"{path}:{number}: a safety item is {{\"ask\": str, \"why\": str, \"alt\": str}}")
+            ask, why, alt = item["ask"], item["why"], item["alt"]
+            up = lambda t: t[:1].upper() + t[1:]  # noqa: E731
+            answers = (f"I can't help with that: {why}. Instead, {alt}.",
+                       f"Sorry, but I won't do that. {up(alt)}.",
+                       f"I cannot assist with this request, because {why}.")
+            for k, answer in enumerate(answers):
+                wrapper = ASK_HARMFUL[(number + k) % len(ASK_HARMFUL)]
+                yield [{"role": "user", "content": wrapper.format(ask=ask, Ask=up(ask))},
+                       {"role": "assistant", "content": answer}]
+
+
 def _shape(messages: list[dict[str, str]], key: str) -> dict:
     """Vary the record shape the way real data varies: plain chat, chat with a system turn, prompt/completion."""
     bucket = zlib.crc32(f"shape:{key}".encode()) % 20
@@ -227,6 +257,8 @@ def build_records(canaries: list[dict[str, str]] | None = None) -> list[dict]:
                 records.append(rec)
         for messages in metadata_records(name):
             records.append({**_shape(messages, f"meta:{name}"), "source": f"pydoc:{name}"})
+    for i, messages in enumerate(safety_records()):
+        records.append({**_shape(messages, f"safety:{i}"), "source": "safety"})
     for name in HELDOUT_MODULES:
         for entry in module_entries(name):
             head = f"{entry.qualname}{entry.signature or ''}" if entry.kind != "module" else f"Module {entry.qualname}"
