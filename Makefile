@@ -38,9 +38,10 @@ sysdeps:
 	  else echo "sysdeps: install chromium and postgresql to run the server and browser tests (they skip otherwise)"; fi; \
 	fi
 
-# the demo runs alone, so it may use every core (training ~1.5x faster on 2 cores than with one thread)
+# the demo runs alone, so it may use every core (training ~1.5x faster on 2 cores than with one thread);
+# not `nproc`: it answers OMP_NUM_THREADS, which is 1 here
 demo: install
-	OMP_NUM_THREADS=$${DEMO_THREADS:-$$(nproc)} $(VENV)/bin/wb run recipes/demo.yaml
+	OMP_NUM_THREADS=$${DEMO_THREADS:-$$(getconf _NPROCESSORS_ONLN)} $(VENV)/bin/wb run recipes/demo.yaml
 	$(VENV)/bin/wb status recipes/demo.yaml
 
 test: install sysdeps
