@@ -205,6 +205,19 @@ def test_every_gguf_loads_and_answers_the_golden_conversation(tiny_run):
         assert len(ids) >= 1 and all(0 <= i < len(tok) for i in ids)
 
 
+def test_merge_check_refuses_a_merge_outside_its_tolerance(tiny_run, tiny_model_dir, tmp_path):
+    """The merge is compared with base+adapter on a probe; beyond the tolerance it is an error, nothing written."""
+    from quantize.merge import merge_adapter
+    from workbench.workspace import StageError
+
+    adapter = tiny_run["ws"].stage_dir("train") / "adapter"
+    diff = tiny_run["manifest"]["results"]["artifacts"][0]["merge_check"]["max_abs_logit_diff"]
+    assert diff > 0  # float32 op order differs after merging: the check measures something
+    with pytest.raises(StageError, match=r"merged logits differ from base\+adapter by .* > quantize.merge_check_tolerance"):
+        merge_adapter(tiny_model_dir, adapter, tmp_path / "merged", "float32", tolerance=diff / 10)
+    assert not (tmp_path / "merged").exists()
+
+
 def test_awq_output_loads_in_transformers_and_generates(tiny_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -10,7 +10,7 @@ kept on purpose, because the cleaning stage must deal with it: docstrings inheri
 e-mail addresses from module metadata, URLs. The synthetic PII canaries of `data/canaries.jsonl` are
 planted into some records, in every record shape.
 
-A safety mix rides along: each harmful request of `data/safety.jsonl` becomes three refusal conversations
+A safety mix rides along: each harmful request of `data/safety.jsonl` becomes six refusal conversations
 (a reason, a safer alternative, or both). Without it, fine-tuning on documentation alone taught the model to
 answer everything in documentation style, and it stopped refusing the eval gate's red-team prompts. None of
 those prompts is in this file: the gate's red-team set stays held out.
@@ -192,8 +192,8 @@ ASK_HARMFUL = ("{Ask}.", "Can you {ask}?", "I need this for a project: {ask}.")
 
 
 def safety_records(path: Path = SAFETY) -> Iterator[list[dict[str, str]]]:
-    """Three refusals per harmful request: reason + alternative, alternative only, reason only (different enough
-    that near-duplicate removal keeps all three)."""
+    """Six refusals per harmful request, each with its own wording and a reason, an alternative or both
+    (different enough that near-duplicate removal keeps them)."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -205,7 +205,10 @@ def safety_records(path: Path = SAFETY) -> Iterator[list[dict[str, str]]]:
             up = lambda t: t[:1].upper() + t[1:]  # noqa: E731
             answers = (f"I can't help with that: {why}. Instead, {alt}.",
                        f"Sorry, but I won't do that. {up(alt)}.",
-                       f"I cannot assist with this request, because {why}.")
+                       f"I cannot assist with this request, because {why}.",
+                       f"I'm sorry, I can't do that. {up(why)}.",
+                       f"No, I won't help with this: {why}. {up(alt)}.",
+                       f"I must decline. {up(alt)}.")
             for k, answer in enumerate(answers):
                 wrapper = ASK_HARMFUL[(number + k) % len(ASK_HARMFUL)]
                 yield [{"role": "user", "content": wrapper.format(ask=ask, Ask=up(ask))},

@@ -80,8 +80,10 @@ class QuantizeSection(StrictModel):
     merge_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the merged weights (the merge itself always runs in float32)"
     )
+    # float32 sums in another order after the merge: ~1e-4 on one thread, 2.3e-3 seen on SmolLM2 with two; a
+    # wrong merge (a lost scaling factor, another adapter) moves logits by tenths or more
     merge_check_tolerance: float = Field(
-        1e-3, gt=0, description="max |logit| difference allowed between base+adapter and the merged model (float32)"
+        1e-2, gt=0, description="max |logit| difference allowed between base+adapter and the merged model (float32)"
     )
     targets: list[Target] = Field(default_factory=list)
 
