@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -98,6 +99,12 @@ def test_publish_registers_candidate_with_lineage_tags_and_verified_files(publis
             "gguf/Modelfile", "gate/verdict.json", "gate/report.md", "manifests/train.json"} <= names
     assert (not published["awq"]) or "awq/model.safetensors" in names
     assert tags["files.count"] == str(len(names))
+    # the embedded store keeps its artifacts inside the workspace, wherever the commands ran from
+    store = (published["root"] / "runs" / "mlflow").resolve()
+    assert _version_artifact_dir(client, str(reg["version"])).is_relative_to(store)
+    for exp in client.search_experiments():
+        if exp.name != "Default":
+            assert urlparse(exp.artifact_location).path.startswith(str(store)), exp.artifact_location
 
 
 def test_publish_is_skipped_when_up_to_date(published):
@@ -215,8 +222,6 @@ def test_pull_each_format_verifies_and_loads(published, tmp_path, tiny_model_dir
 
 
 def _version_artifact_dir(client, version: str) -> Path:
-    from urllib.parse import urlparse
-
     from registry.store import logged_model_id
 
     lm = client.get_logged_model(logged_model_id(client.get_model_version(MODEL, version)))

@@ -36,6 +36,9 @@ def setup_mlflow(recipe) -> str:
     import mlflow
 
     uri = tracking_uri(recipe)
+    # before set_tracking_uri: it exports MLFLOW_TRACKING_URI, after which every store looks like a server
+    # store and a new experiment would put its artifacts in ./mlruns of whatever directory we run in
+    embedded = is_embedded(recipe)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = recipe.registry.experiment or recipe.name
@@ -44,7 +47,7 @@ def setup_mlflow(recipe) -> str:
         mlflow.set_experiment(experiment_id=exp.experiment_id)
         return exp.experiment_id
     artifact_location = None
-    if is_embedded(recipe):
+    if embedded:
         # absolute file URI: the store stays valid whatever directory later commands run from
         artifact_location = (embedded_store_dir(recipe) / "artifacts").as_uri()
     try:
