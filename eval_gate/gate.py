@@ -246,12 +246,15 @@ def evaluate(recipe: Recipe, inp: Inputs, scratch: Path) -> tuple[dict[str, Any]
     base_engine = HFEngine.from_dir(inp.base_dir, inp.tokenizer, recipe.base_model.dtype)
     base = eval_base(recipe, inp, base_engine)
     log(f"base: {time.time() - t:.1f}s")
+    # full-vocabulary log-probs are large: keep them only for the two sides of a drift comparison
+    in_drift = {a.name for a in inp.artifacts if a.parent is not None} | {a.parent for a in inp.artifacts if a.parent}
     for art in inp.artifacts:
         t = time.time()
         log(f"{art.name}: evaluating {art.path.name} ({art.format})")
+        keep = drift_n if art.name in in_drift else 0
         if art.format == "peft":
             engine = base_engine.with_adapter(art.path)
-            evals[art.name] = eval_hf(engine, inp, recipe, drift_n)
+            evals[art.name] = eval_hf(engine, inp, recipe, keep)
             del engine, base_engine
         elif art.format in ("hf", "compressed-tensors"):
             try:
@@ -260,7 +263,7 @@ def evaluate(recipe: Recipe, inp: Inputs, scratch: Path) -> tuple[dict[str, Any]
                 log(f"  error: {exc}")
                 evals[art.name] = _unloadable(inp, str(exc))
                 continue
-            evals[art.name] = eval_hf(engine, inp, recipe, drift_n)
+            evals[art.name] = eval_hf(engine, inp, recipe, keep)
             del engine
         else:
             try:
@@ -346,7 +349,9 @@ def build_checks(recipe: Recipe, inp: Inputs, base: dict[str, Any], evals: dict[
                 continue
             d = C.drift(parent.logprobs, ev.logprobs, drift_records)
             checks.append(C.at_most("kld", a, d.kld, limit.max_kld, detail=f"vs {art.parent}, {d.tokens} tokens"))
-            checks.append(C.at_least("top1_agreement", a, d.top1, limit.min_top1, detail=f"vs {art.parent}"))
+            half = 1.96 * math.sqrt(d.top1 * (1 - d.top1) / d.tokens)  # binomial 95% interval of the share
+            checks.append(C.at_least("top1_agreement", a, d.top1, limit.min_top1,
+                                     detail=f"vs {art.parent}, +-{half:.3f} (95%, {d.tokens} tokens)"))
             checks.append(C.at_most("ppl_ratio", a, d.ppl_ratio, limit.max_ppl_ratio, detail=f"vs {art.parent}"))
             tables["drift"].append({"artifact": a, "type": art.quant_type, "parent": art.parent, "kld": d.kld,
                                     "top1": d.top1, "ppl_ratio": d.ppl_ratio, "tokens": d.tokens, "limit": limit})
