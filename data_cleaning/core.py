@@ -54,6 +54,7 @@ class CleanStats:
     ignored_fields: dict[str, int] = field(default_factory=dict)
     seconds: Counter = field(default_factory=Counter)  # per rule
     near_dup_pairs_checked: int = 0
+    upsampled: Counter = field(default_factory=Counter)  # source -> extra train rows written (repeats)
 
     @property
     def kept(self) -> int:
@@ -71,6 +72,8 @@ class CleanStats:
             "splits": dict(self.splits),
             "blank_lines": self.blank_lines,
             "reconciles": self.reconciles(),
+            # repeats are rows, not records: `kept` and `splits` count each record once
+            "upsampled": dict(self.upsampled),
         }
 
 
@@ -262,6 +265,8 @@ class Cleaner:
             for rec, n_tok in survivors:
                 row = rec.to_json()
                 row["line"], row["tokens"] = rec.line, n_tok
+                if rec.source is not None:
+                    row["source"] = rec.source
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._lines.append(np.fromiter((rec.line for rec, _ in survivors), dtype=np.int64, count=len(survivors)))
         self.survivors += len(survivors)
@@ -291,7 +296,10 @@ class Cleaner:
 
     # ---- pass 2 -------------------------------------------------------------------------------------
     def kept(self) -> Iterator[tuple[str, dict]]:
-        """(split, row) for every kept record, in input order. Rows are `{"messages": [...]}` or `{"text": str}`."""
+        """(split, row) for every kept record, in input order. Rows are `{"messages": [...]}` or `{"text": str}`.
+
+        A train record whose source is in `cleaning.upsample` is yielded that many times in a row (after
+        deduplication and the split, so repeats never reach eval and never count as duplicates)."""
         if self._fate is None:
             raise RuntimeError("deduplicate() must run before kept()")
         from tqdm import tqdm
@@ -312,6 +320,7 @@ class Cleaner:
                 row = json.loads(line)
                 tokens = row.pop("tokens")
                 row.pop("line")
+                source = row.pop("source", None)
                 if "text" in row:
                     split = "heldout_text"
                 else:
@@ -321,7 +330,11 @@ class Cleaner:
                 st.splits[split] += 1
                 self.token_hist[min(tokens, TOKEN_HIST_CAP)] += 1
                 st.seconds["split"] += time.perf_counter() - t
-                yield split, row
+                repeat = self.cfg.upsample.get(source, 1) if split == "train" and source is not None else 1
+                if repeat > 1:
+                    st.upsampled[source] += repeat - 1
+                for _ in range(repeat):
+                    yield split, row
 
     def cluster_report(self, which: str, k: int = 10) -> list[dict]:
         clusters = self.exact_clusters if which == "exact" else self.near_clusters

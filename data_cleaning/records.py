@@ -41,6 +41,7 @@ class Record:
     kind: str  # "chat" | "text"
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    source: str | None = None  # the record's `source` metadata field, for cleaning.upsample
 
     def contents(self) -> list[str]:
         return [m["content"] for m in self.messages] if self.kind == "chat" else [self.text or ""]
@@ -137,7 +138,8 @@ def parse_line(raw: RawLine, ignored_fields: dict[str, int] | None = None) -> Re
         raise Quarantined("unknown_shape", f"no 'messages', 'prompt'/'completion' or 'text' field (fields: {_names(obj)})")
     else:
         raise Quarantined("ambiguous_shape", f"fields {present} mix record shapes; use exactly one")
-    return Record(raw.number, "chat", messages=messages)
+    source = obj.get("source")
+    return Record(raw.number, "chat", messages=messages, source=source if isinstance(source, str) else None)
 
 
 def _names(obj: dict) -> str:

@@ -100,6 +100,10 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += [f"| kept: {split} | {n} |" for split, n in c["splits"].items()]
     lines += ["", f"Blank lines skipped (not records): {c['blank_lines']}. Records changed by normalization: "
               f"{report['normalized_records']}.", ""]
+    if c.get("upsampled"):
+        lines += ["Upsampled (cleaning.upsample): " + ", ".join(
+            f"{n} extra train rows of `{source}`" for source, n in c["upsampled"].items())
+            + f"; the train split has {c['splits']['train'] + sum(c['upsampled'].values())} rows.", ""]
     lines += ["## Quarantine reasons", "", "| reason | records |", "|---|---:|"]
     lines += [f"| {r} | {n} |" for r, n in report["quarantine_reasons"].items()] or ["| (none) | 0 |"]
     lines += ["", "Each quarantined line is in `quarantine.jsonl` with its line number and reason.", ""]

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 from pathlib import Path
 
 from recipes import Recipe
@@ -88,8 +89,16 @@ def run(recipe: Recipe, args: argparse.Namespace) -> int:
         print(f"clean: train {counts['splits']['train']}, eval {counts['splits']['eval']}, "
               f"heldout_text {counts['splits']['heldout_text']}; PII replaced: "
               + (", ".join(f"{t} {n}" for t, n in report["pii"].items()) or "none"))
+        if counts["upsampled"]:
+            print("clean: upsampled " + ", ".join(f"{s} +{n} train rows" for s, n in counts["upsampled"].items()))
         if not counts["reconciles"]:
             raise StageError("clean: the counts do not reconcile; this is a bug, the output was not kept")
+        # a warning, not an error: one recipe serves several corpora, and not every corpus has every mix
+        unmatched = [s for s, k in cfg.upsample.items() if k > 1 and s not in counts["upsampled"]]
+        if unmatched:
+            print(f"clean: warning: cleaning.upsample names source {', '.join(map(repr, unmatched))}, which no kept "
+                  f"train record of {raw_path} has (the raw records' `source` field); nothing was upsampled for it",
+                  file=sys.stderr)
     print(f"clean: wrote {out.final_dir}")
     return 0
 

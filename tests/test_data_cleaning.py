@@ -157,6 +157,43 @@ def test_split_is_stable_when_records_are_added(tmp_path):
     assert all(b[key] == split for key, split in a.items())
 
 
+def test_upsample_repeats_train_records_of_a_source_and_never_eval(tmp_path):
+    rows = [{**chat(f"mix question {i}?", long_answer(i)), "source": "mix"} for i in range(20)]
+    rows += [{**chat(f"doc question {i}?", long_answer(100 + i)), "source": "doc"} for i in range(40)]
+    rows += [chat(f"untagged question {i}?", long_answer(200 + i)) for i in range(10)]
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
+    plain, plain_kept, _ = run_core(tmp_path, raw, eval_fraction=0.3)
+    cleaner, kept, _ = run_core(tmp_path, raw, eval_fraction=0.3, upsample={"mix": 3})
+
+    def question(row):
+        return row["messages"][0]["content"]
+
+    # records are counted once: the same splits as without upsampling, and the counts still reconcile
+    assert cleaner.stats.splits == plain.stats.splits and cleaner.stats.reconciles()
+    mix_train = [r for s, r in plain_kept if s == "train" and question(r).startswith("mix")]
+    assert 0 < len(mix_train) < 20
+    assert cleaner.stats.counts()["upsampled"] == {"mix": 2 * len(mix_train)}
+    rows_by_split = {s: [question(r) for t, r in kept if t == s] for s in ("train", "eval")}
+    assert len(rows_by_split["train"]) == plain.stats.splits["train"] + 2 * len(mix_train)
+    for q in rows_by_split["train"]:
+        assert rows_by_split["train"].count(q) == (3 if q.startswith("mix") else 1), q
+    assert len(set(rows_by_split["eval"])) == len(rows_by_split["eval"]) == plain.stats.splits["eval"]
+    with pytest.raises(ValueError, match="whole number of copies"):
+        CleaningSection(upsample={"mix": 0})
+
+
+def test_upsample_naming_a_source_no_record_has_is_a_warning(tmp_path, make_recipe, tiny_model_dir, golden_file,
+                                                               run_cli):
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{**chat(f"q {i}?", long_answer(i)), "source": "safety"}
+                                                for i in range(10)])
+    proc = run_cli("-m", "data_cleaning", str(stage_recipe(make_recipe, tiny_model_dir, raw, golden_file,
+                                                            upsample={"saftey": 4})))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: cleaning.upsample names source 'saftey', which no kept train record" in proc.stderr
+    manifest = json.loads((tmp_path / "runs" / "test" / "clean" / "manifest.json").read_text())
+    assert set(manifest["results"]["counts"]["upsampled"]) == {"safety"}  # the demo recipe's own entry still works
+
+
 def test_decontamination_drops_records_overlapping_the_golden_set(tmp_path):
     golden_prompt = "Which standard library module do I use to parse and write JSON in Python programs today?"
     rows = [
@@ -312,7 +349,9 @@ def test_pydoc_corpus_is_deterministic_and_goes_through_the_stage(tmp_path, make
     from datasets import load_from_disk
 
     train = load_from_disk(str(clean / "train"))
-    assert train.column_names == ["messages"] and len(train) == counts["splits"]["train"]
+    assert train.column_names == ["messages"]
+    assert len(train) == counts["splits"]["train"] + sum(counts["upsampled"].values())  # the demo upsamples safety
+    assert counts["upsampled"].keys() <= {"safety"}
     assert train.features["messages"].feature["role"].dtype == "string"
     heldout = load_from_disk(str(clean / "heldout_text"))
     assert heldout.column_names == ["text"] and len(heldout) == counts["splits"]["heldout_text"]

@@ -38,6 +38,19 @@ class CleaningSection(StrictModel):
     decontaminate: bool = True
     decontam_ngram: int = Field(8, ge=3)
     decontam_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    upsample: dict[str, int] = Field(
+        default_factory=dict,
+        description="raw `source` value -> times each of its kept train records is written (a small mix, such "
+                    "as refusals, is otherwise too rare in a short fine-tune to be learned); eval is not repeated",
+    )
+
+    @field_validator("upsample")
+    @classmethod
+    def _factors(cls, v: dict[str, int]) -> dict[str, int]:
+        for source, k in v.items():
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 100:
+                raise ValueError(f"upsample[{source!r}] = {k!r}: a whole number of copies from 1 to 100")
+        return v
 
     @field_validator("extra_pii_patterns")
     @classmethod
