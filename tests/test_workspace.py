@@ -144,3 +144,10 @@ def test_changed_raw_data_makes_clean_stale(recipe_path, tmp_path):
     assert Workspace(recipe).status("clean") == "done"
     raw.write_text('{"text": "two"}\n')
     assert Workspace(recipe).status("clean") == "stale"
+
+
+def test_status_shows_when_a_stage_finished_not_when_it_started():
+    from workbench.cli import _finished_at
+
+    assert _finished_at({"started_at": "2026-11-27T06:22:15Z", "duration_s": 845.2}) == "2026-11-27T06:36:20Z"
+    assert _finished_at({}) == "" and _finished_at({"started_at": "yesterday"}) == ""

@@ -58,11 +58,23 @@ def cmd_status(args) -> int:
     for stage in STAGE_ORDER:
         state = ws.status(stage)
         m = ws.manifest(stage) or {}
-        when = m.get("started_at", "")
+        when = _finished_at(m)
         table.add_row(stage, f"[{colors[state]}]{state}[/]", when,
                       " ".join(["python"] + STAGE_COMMANDS[stage] + [args.recipe]))
     Console().print(table)
     return 0
+
+
+def _finished_at(manifest: dict) -> str:
+    """started_at + duration_s of a stage manifest, in the same UTC format ('' when it has neither)."""
+    import calendar
+    import time
+
+    try:
+        start = calendar.timegm(time.strptime(manifest["started_at"], "%Y-%m-%dT%H:%M:%SZ"))
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start + float(manifest.get("duration_s") or 0)))
 
 
 def cmd_run(args) -> int:
