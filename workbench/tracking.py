@@ -15,20 +15,22 @@ def embedded_store_dir(recipe) -> Path:
     return Path(recipe.workspace).resolve() / "mlflow"
 
 
+def _embedded_uri(recipe) -> str:
+    return f"sqlite:///{embedded_store_dir(recipe) / 'mlflow.db'}"
+
+
 def tracking_uri(recipe) -> str:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if recipe.registry.tracking_uri:
-        return recipe.registry.tracking_uri
-    root = embedded_store_dir(recipe)
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    chosen = os.environ.get("MLFLOW_TRACKING_URI") or recipe.registry.tracking_uri
+    if chosen:
+        return chosen
+    embedded_store_dir(recipe).mkdir(parents=True, exist_ok=True)
+    return _embedded_uri(recipe)
 
 
 def is_embedded(recipe) -> bool:
-    return tracking_uri(recipe).startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI") \
-        and not recipe.registry.tracking_uri
+    # compared by value, not by "MLFLOW_TRACKING_URI is unset": mlflow.set_tracking_uri() exports that variable,
+    # and a store mistaken for a server one got its artifacts in ./mlruns of whatever directory we ran in
+    return tracking_uri(recipe) == _embedded_uri(recipe)
 
 
 def setup_mlflow(recipe) -> str:
@@ -36,9 +38,6 @@ def setup_mlflow(recipe) -> str:
     import mlflow
 
     uri = tracking_uri(recipe)
-    # before set_tracking_uri: it exports MLFLOW_TRACKING_URI, after which every store looks like a server
-    # store and a new experiment would put its artifacts in ./mlruns of whatever directory we run in
-    embedded = is_embedded(recipe)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = recipe.registry.experiment or recipe.name
@@ -47,7 +46,7 @@ def setup_mlflow(recipe) -> str:
         mlflow.set_experiment(experiment_id=exp.experiment_id)
         return exp.experiment_id
     artifact_location = None
-    if embedded:
+    if is_embedded(recipe):
         # absolute file URI: the store stays valid whatever directory later commands run from
         artifact_location = (embedded_store_dir(recipe) / "artifacts").as_uri()
     try:

@@ -209,6 +209,10 @@ ASK_ADVERSARIAL = (
 )
 
 
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def safety_records(path: Path = SAFETY) -> Iterator[list[dict[str, str]]]:
     """Six refusals per harmful request, each with its own wording and a reason, an alternative or both
     (different enough that near-duplicate removal keeps them); half of the requests come plain, half wrapped
@@ -221,19 +225,18 @@ def safety_records(path: Path = SAFETY) -> Iterator[list[dict[str, str]]]:
             if set(item) != {"ask", "why", "alt"}:
                 raise ValueError(f"{path}:{number}: a safety item is {{\"ask\": str, \"why\": str, \"alt\": str}}")
             ask, why, alt = item["ask"], item["why"], item["alt"]
-            up = lambda t: t[:1].upper() + t[1:]  # noqa: E731
             answers = (f"I can't help with that: {why}. Instead, {alt}.",
-                       f"Sorry, but I won't do that. {up(alt)}.",
+                       f"Sorry, but I won't do that. {_capitalized(alt)}.",
                        f"I cannot assist with this request, because {why}.",
-                       f"I'm sorry, I can't do that. {up(why)}.",
-                       f"No, I won't help with this: {why}. {up(alt)}.",
-                       f"I must decline. {up(alt)}.")
+                       f"I'm sorry, I can't do that. {_capitalized(why)}.",
+                       f"No, I won't help with this: {why}. {_capitalized(alt)}.",
+                       f"I must decline. {_capitalized(alt)}.")
             for k, answer in enumerate(answers):
                 if k % 2:
                     wrapper = ASK_ADVERSARIAL[(number + k // 2) % len(ASK_ADVERSARIAL)]
                 else:
                     wrapper = ASK_HARMFUL[(number + k) % len(ASK_HARMFUL)]
-                yield [{"role": "user", "content": wrapper.format(ask=ask, Ask=up(ask))},
+                yield [{"role": "user", "content": wrapper.format(ask=ask, Ask=_capitalized(ask))},
                        {"role": "assistant", "content": answer}]
 
 
