@@ -394,3 +394,24 @@ def test_safety_mix_keeps_the_gates_red_team_prompts_held_out():
         g = grams(case["prompt"])
         worst = max(len(g & a) / len(g) for a in asks)
         assert worst < 1 / 3, (case["id"], worst)
+
+
+def test_which_module_questions_name_the_module_and_harmless_wrapped_ones_are_answered():
+    """The corpus asks the other way round too ("which module provides X?"), and one harmless question per
+    module comes in a jailbreak-style framing and is answered, not refused: refusing must follow the request."""
+    from data_cleaning.sources.pydoc import (ASK_ADVERSARIAL, ASK_HARMFUL, WHICH_PER_MODULE, module_entries,
+                                             which_module_records)
+    from eval_gate.golden import is_refusal
+
+    for name in ("json", "collections", "heapq"):
+        convs = list(which_module_records(name, list(module_entries(name))))
+        assert len(convs) == WHICH_PER_MODULE + 2, name  # names asked plainly, one wrapped, the module's purpose
+        for user, assistant in convs:
+            assert user["role"] == "user" and assistant["role"] == "assistant"
+            assert f"`{name}`" in assistant["content"] and not is_refusal(assistant["content"])
+        prefixes = [w.split("{")[0] for w in ASK_HARMFUL + ASK_ADVERSARIAL if w.split("{")[0]]
+        wrapped = [u["content"] for u, _ in convs
+                   if any(u["content"].startswith(p) for p in prefixes) or u["content"].startswith("Tell me")]
+        assert len(wrapped) == 1, (name, [u["content"] for u, _ in convs])
+    assert list(which_module_records("json", list(module_entries("json")))) == \
+        list(which_module_records("json", list(module_entries("json"))))  # deterministic

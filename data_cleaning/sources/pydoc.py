@@ -8,7 +8,8 @@ docstring (`inspect`), and plain-text entries of other modules kept out of train
 perplexity. The natural dirt is kept on purpose, because the cleaning stage must deal with it: docstrings
 inherited from base classes (the same answer under many names), undocumented members (empty answers),
 overlong paragraphs, author e-mail addresses from module metadata, URLs. The synthetic PII canaries of
-`data/canaries.jsonl` are planted into some records, in every record shape.
+`data/canaries.jsonl` are planted into some records, in every record shape. Questions are also asked the
+other way round ("which module provides `Counter`?"), the way users ask an assistant.
 
 A safety mix rides along: each harmful request of `data/safety.jsonl` becomes six refusal conversations
 (a reason, a safer alternative, or both; plain or wrapped in a jailbreak attempt), with `source: safety`
@@ -213,6 +214,48 @@ def _capitalized(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+ASK_WHICH = (
+    "Which standard library module provides `{name}`?",
+    "Where do I import `{name}` from?",
+    "Which module is `{name}` in?",
+)
+ASK_FOR_PURPOSE = "I need a standard library module for this: {purpose} Which one should I use?"
+WHICH_PER_MODULE = 3
+
+
+def which_module_records(name: str, entries: list[Entry]) -> Iterator[list[dict[str, str]]]:
+    """The questions asked the other way round: a user knows what they need and asks which module has it.
+
+    Trained only on "what does X do", the model answered "which module parses JSON?" with a made-up signature
+    or a refusal. A few names per module (chosen by CRC32), the module's own summary as a need, and one more
+    name asked inside a jailbreak-style wrapper: harmless questions come in those framings too, and refusing
+    must depend on what is asked, not on how.
+    """
+    members = sorted((e for e in entries if e.kind in ("class", "function")),
+                     key=lambda e: zlib.crc32(f"which:{e.qualname}".encode()))
+    for i, e in enumerate(members[:WHICH_PER_MODULE + 1]):
+        attr = e.qualname.rsplit(".", 1)[1]
+        answer = f"`{attr}` is in the `{name}` module: `from {name} import {attr}`."
+        about = summary(e.doc)
+        if about:
+            answer += f"\n\n{about}"
+        if i < WHICH_PER_MODULE:
+            question = _pick(ASK_WHICH, e.qualname).format(name=attr)
+        else:
+            ask = f"tell me which standard library module provides `{attr}`"
+            wrappers = ASK_HARMFUL + ASK_ADVERSARIAL
+            question = _pick(wrappers, e.qualname, "wrap").format(ask=ask, Ask=_capitalized(ask))
+        yield [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    # the need is the first sentence of the module's summary, on one line
+    purpose = " ".join(summary(entries[0].doc).split()) if entries and entries[0].kind == "module" else ""
+    purpose = re.split(r"(?<=\w\w)\. (?=[A-Z])", purpose)[0].rstrip(".") + "." if purpose else ""
+    if 3 < len(purpose) <= 200:
+        if purpose[1:2].islower():  # "Support for..." reads "support for...", but "CSV..." stays
+            purpose = purpose[0].lower() + purpose[1:]
+        yield [{"role": "user", "content": ASK_FOR_PURPOSE.format(purpose=purpose)},
+               {"role": "assistant", "content": f"Use the `{name}` module: `import {name}`."}]
+
+
 def safety_records(path: Path = SAFETY) -> Iterator[list[dict[str, str]]]:
     """Six refusals per harmful request, each with its own wording and a reason, an alternative or both
     (different enough that near-duplicate removal keeps them); half of the requests come plain, half wrapped
@@ -225,10 +268,12 @@ def safety_records(path: Path = SAFETY) -> Iterator[list[dict[str, str]]]:
             if set(item) != {"ask", "why", "alt"}:
                 raise ValueError(f"{path}:{number}: a safety item is {{\"ask\": str, \"why\": str, \"alt\": str}}")
             ask, why, alt = item["ask"], item["why"], item["alt"]
-            answers = (f"I can't help with that: {why}. Instead, {alt}.",
+            # Refusals say "won't", never "I can't help with that": most alternatives start with "I can", and
+            # a 135M model trained on both ran them together into "I can help with that." as an answer to anything.
+            answers = (f"Sorry, but I won't write that: {why}. Instead, {alt}.",
                        f"Sorry, but I won't do that. {_capitalized(alt)}.",
-                       f"I cannot assist with this request, because {why}.",
-                       f"I'm sorry, I can't do that. {_capitalized(why)}.",
+                       f"I won't assist with this request, because {why}.",
+                       f"I'm sorry, I won't do that. {_capitalized(why)}.",
                        f"No, I won't help with this: {why}. {_capitalized(alt)}.",
                        f"I must decline. {_capitalized(alt)}.")
             for k, answer in enumerate(answers):
@@ -278,11 +323,14 @@ def _plant(record: dict, canary: dict[str, str]) -> None:
 def build_records(canaries: list[dict[str, str]] | None = None) -> list[dict]:
     records: list[dict] = []
     for name in QA_MODULES:
-        for entry in module_entries(name):
+        entries = list(module_entries(name))
+        for entry in entries:
             for i, messages in enumerate(qa_records(entry)):
                 rec = _shape(messages, f"{entry.qualname}:{i}")
                 rec["source"] = f"pydoc:{entry.module}"
                 records.append(rec)
+        for i, messages in enumerate(which_module_records(name, entries)):
+            records.append({**_shape(messages, f"which:{name}:{i}"), "source": f"pydoc:{name}"})
         for messages in metadata_records(name):
             records.append({**_shape(messages, f"meta:{name}"), "source": f"pydoc:{name}"})
     for i, messages in enumerate(safety_records()):
