@@ -5,8 +5,8 @@ Two streaming passes over disk, so memory stays flat as the corpus grows:
   pass 1  read -> schema -> normalize -> PII scrub -> token length -> decontaminate, in batches; survivors
           go to a scratch JSONL, their exact hash / MinHash signature / LSH bands to flat binary files
   dedup   exact duplicates, then near duplicates, found with numpy over those files
-  pass 2  re-read the survivors, skip duplicates, split the rest (train / eval by record hash; plain text
-          to heldout_text)
+  pass 2  re-read the survivors, skip duplicates, split the rest (train / eval by record hash, PII placeholders'
+          salted hashes left out; plain text to heldout_text)
 
 Each record meets at most one dropping rule, in that order, so `records_in = quarantined + dropped
 per rule + kept` holds to the record. The bench script drives this class directly.
@@ -26,7 +26,7 @@ from recipes.sections.cleaning import CleaningSection
 
 from .decontam import GoldenIndex
 from .dedup import Clusters, MinHasher, exact_duplicates, exact_key, near_duplicates
-from .pii import PiiScrubber
+from .pii import PLACEHOLDER_HEX, PLACEHOLDER_RE, PiiScrubber
 from .records import Quarantined, Record, looks_binary, normalize_record, parse_line, read_lines
 
 DROP_RULES = ("too_short", "too_long", "contaminated", "exact_duplicate", "near_duplicate")
@@ -262,9 +262,10 @@ class Cleaner:
                 sigs_f.write(sigs.tobytes())
                 bands_f.write(self.hasher.band_hashes(sigs).tobytes())
         with _Timer(secs, "split"):
-            for rec, n_tok in survivors:
+            for (rec, n_tok), text, key in zip(survivors, joined, keys.tolist()):
                 row = rec.to_json()
                 row["line"], row["tokens"] = rec.line, n_tok
+                row["split_key"] = split_key(rec.kind, text, key)
                 if rec.source is not None:
                     row["source"] = rec.source
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -304,7 +305,7 @@ class Cleaner:
             raise RuntimeError("deduplicate() must run before kept()")
         from tqdm import tqdm
 
-        fate, keys, st = self._fate, self._keys, self.stats
+        fate, st = self._fate, self.stats
         want_excerpt = {i for c in (self.exact_clusters, self.near_clusters) for rep, members in c.top(10)
                         for i in (rep, *members[:2])}
         self.excerpts: dict[int, str] = {}
@@ -321,11 +322,12 @@ class Cleaner:
                 tokens = row.pop("tokens")
                 row.pop("line")
                 source = row.pop("source", None)
+                key = row.pop("split_key")
                 if "text" in row:
                     split = "heldout_text"
                 else:
                     # the record's own hash decides: adding records never moves an existing one
-                    u = float(keys[i] >> np.uint64(11)) / float(1 << 53)
+                    u = float(key >> 11) / float(1 << 53)
                     split = "eval" if u < self.eval_fraction else "train"
                 st.splits[split] += 1
                 self.token_hist[min(tokens, TOKEN_HIST_CAP)] += 1
@@ -357,6 +359,16 @@ class Cleaner:
     def cleanup(self) -> None:
         for p in (self.records_path, self.keys_path, self.sigs_path, self.bands_path):
             p.unlink(missing_ok=True)
+
+
+def split_key(kind: str, joined: str, key: int) -> int:
+    """The hash that puts a record in train or eval: its exact-dedup key, but with every PII placeholder's
+    salted hash left out, so the split is the same in every workspace (the salt is random per workspace
+    unless set): a record with an e-mail address in it must not change sides, and with it the whole
+    training order, from one run of the same recipe to the next."""
+    if "<" not in joined or not PLACEHOLDER_RE.search(joined):
+        return key
+    return exact_key(kind, PLACEHOLDER_RE.sub(lambda m: m.group(0)[:-(PLACEHOLDER_HEX + 2)] + ">", joined))
 
 
 def _excerpt(row: dict) -> str:

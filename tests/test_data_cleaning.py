@@ -41,9 +41,10 @@ def word_counter(texts: list[str]) -> list[int]:
     return [len(t.split()) for t in texts]
 
 
-def run_core(tmp_path: Path, raw: Path, golden: list[str] | None = None, eval_fraction: float = 0.2, **rules):
+def run_core(tmp_path: Path, raw: Path, golden: list[str] | None = None, eval_fraction: float = 0.2,
+             salt: bytes = b"test-salt", **rules):
     quarantined: list[dict] = []
-    cleaner = Cleaner(CleaningSection(**rules), salt=b"test-salt", work_dir=tmp_path / f"work-{raw.stem}",
+    cleaner = Cleaner(CleaningSection(**rules), salt=salt, work_dir=tmp_path / f"work-{raw.stem}",
                       eval_fraction=eval_fraction, count_tokens=word_counter, golden=golden,
                       quarantine=quarantined.append, batch_size=16, progress=False)
     cleaner.ingest(raw)
@@ -155,6 +156,24 @@ def test_split_is_stable_when_records_are_added(tmp_path):
     a, b = split_of(kept_a), split_of(kept_b)
     assert {s for s in a.values()} == {"train", "eval"}
     assert all(b[key] == split for key, split in a.items())
+
+
+def test_split_of_records_with_pii_does_not_depend_on_the_salt(tmp_path):
+    # the salt is random per workspace: were the split keyed on the salted placeholders, records with PII
+    # would change sides between two workspaces of one recipe, and the whole training order with them
+    rows = [chat(f"Write to ops{i}@example-lab.org about job {i}?", long_answer(i)) for i in range(80)]
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
+    _, kept_a, _ = run_core(tmp_path, raw, eval_fraction=0.3, salt=b"salt-a")
+    _, kept_b, _ = run_core(tmp_path, raw, eval_fraction=0.3, salt=b"salt-b")
+
+    def splits(kept):
+        return [(split, row["messages"][1]["content"]) for split, row in kept]
+
+    assert {s for s, _ in splits(kept_a)} == {"train", "eval"}
+    assert splits(kept_a) == splits(kept_b)
+    # ... while the placeholders themselves differ, as they should
+    assert kept_a[0][1]["messages"][0]["content"] != kept_b[0][1]["messages"][0]["content"]
+    assert "<EMAIL_" in kept_a[0][1]["messages"][0]["content"]
 
 
 def test_upsample_repeats_train_records_of_a_source_and_never_eval(tmp_path):
@@ -415,3 +434,19 @@ def test_which_module_questions_name_the_module_and_harmless_wrapped_ones_are_an
         assert len(wrapped) == 1, (name, [u["content"] for u, _ in convs])
     assert list(which_module_records("json", list(module_entries("json")))) == \
         list(which_module_records("json", list(module_entries("json"))))  # deterministic
+
+
+def test_what_does_answers_say_what_it_does_before_the_signature():
+    """Answers that opened with the signature taught the model to open every answer with one it had to make
+    up; the docstring's first paragraph comes first, the signature after it."""
+    from data_cleaning.sources.pydoc import module_entries, qa_records, summary
+
+    entries = {e.qualname: e for e in module_entries("json")}
+    for qualname in ("json.dumps", "json.JSONDecoder"):
+        entry = entries[qualname]
+        user, answer = next(qa_records(entry))
+        about = summary(entry.doc)
+        assert user["role"] == "user" and about
+        assert about in answer["content"] and qualname in answer["content"]
+        assert answer["content"].index(about) < answer["content"].index(f"{qualname}(")
+        assert not answer["content"].startswith("`") or answer["content"].startswith(f"`{qualname}` is a class.")

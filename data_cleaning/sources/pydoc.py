@@ -158,9 +158,11 @@ def summary(doc: str | None) -> str:
 
 
 def qa_records(entry: Entry) -> Iterator[list[dict[str, str]]]:
-    # Answers are the signature and the docstring's first paragraph, the way an assistant answers. Whole
+    # Answers are the docstring's first paragraph and the signature, the way an assistant answers. Whole
     # docstrings (the first version of this corpus) taught the model to dump reference text at every question,
-    # and it stopped answering short questions and refusing harmful ones.
+    # and it stopped answering short questions and refusing harmful ones. What it does comes first: answers
+    # that opened with the signature taught the model to open every answer with a signature it had to make
+    # up, and a made-up signature ran on into repeated parameters instead of the answer.
     q, sig = entry.qualname, entry.signature
     about = summary(entry.doc)
     if entry.kind == "module":
@@ -170,12 +172,12 @@ def qa_records(entry: Entry) -> Iterator[list[dict[str, str]]]:
     if entry.kind == "class":
         head = f"`class {q}{sig or ''}`"
         yield [{"role": "user", "content": _pick(ASK_CLASS, q).format(q=q)},
-               {"role": "assistant", "content": f"{head}\n\n{about}" if about else ""}]
+               {"role": "assistant", "content": f"`{q}` is a class. {about}\n\n{head}" if about else ""}]
         return
     call = f"`{q}{sig}`" if sig else f"`{q}(...)`"
     # an undocumented function gives an empty answer: the schema rule must quarantine it, not train on it
     yield [{"role": "user", "content": _pick(ASK_DOES, q).format(q=q)},
-           {"role": "assistant", "content": f"{call}\n\n{about}" if about else ""}]
+           {"role": "assistant", "content": f"{about}\n\nSignature: {call}" if about else ""}]
     if sig and _params(sig) not in ("", "self", "/"):
         answer = f"Call it as {call}."
         if about:

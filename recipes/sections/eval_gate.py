@@ -40,9 +40,12 @@ class DriftLimit(StrictModel):
 
 def _default_drift_limits() -> dict[str, DriftLimit]:
     # Small models lose more to quantization than 7B ones; these fit a ~135M model. Tighten for bigger bases.
+    # Q8_0's top-1 limit was 0.95: two honest Q8_0s of the demo fine-tune read 0.961 +-0.011 and 0.946 +-0.013
+    # at KLD 0.005 (a quarter of its limit), so 0.95 failed an honest Q8_0 on a coin flip. A small model has
+    # many near-ties between its top two tokens, and rounding flips them without moving the distribution.
     table = {
         "F32": (0.001, 0.995, 1.005), "F16": (0.005, 0.98, 1.01), "BF16": (0.01, 0.97, 1.02),
-        "Q8_0": (0.02, 0.95, 1.03), "Q6_K": (0.05, 0.92, 1.05), "Q5_K_M": (0.08, 0.90, 1.08),
+        "Q8_0": (0.02, 0.93, 1.03), "Q6_K": (0.05, 0.92, 1.05), "Q5_K_M": (0.08, 0.90, 1.08),
         "Q5_K_S": (0.10, 0.89, 1.10), "Q5_0": (0.10, 0.89, 1.10), "Q4_K_M": (0.20, 0.85, 1.15),
         "Q4_K_S": (0.25, 0.83, 1.18), "Q4_0": (0.30, 0.80, 1.25), "Q3_K_M": (0.50, 0.75, 1.40),
         "Q2_K": (1.00, 0.60, 2.00), "awq": (0.25, 0.83, 1.20),
