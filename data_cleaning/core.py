@@ -26,7 +26,7 @@ from recipes.sections.cleaning import CleaningSection
 
 from .decontam import GoldenIndex
 from .dedup import Clusters, MinHasher, exact_duplicates, exact_key, near_duplicates
-from .pii import PLACEHOLDER_HEX, PLACEHOLDER_RE, PiiScrubber
+from .pii import PiiScrubber, without_salt
 from .records import Quarantined, Record, looks_binary, normalize_record, parse_line, read_lines
 
 DROP_RULES = ("too_short", "too_long", "contaminated", "exact_duplicate", "near_duplicate")
@@ -288,7 +288,7 @@ class Cleaner:
                 fate[dup] = 2
         st.dropped["exact_duplicate"] = int((fate == 1).sum())
         st.dropped["near_duplicate"] = int((fate == 2).sum())
-        self._fate, self._keys = fate, keys
+        self._fate = fate
 
     def line_of(self, survivor_index: int) -> int:
         lines = np.concatenate(self._lines) if len(self._lines) != 1 else self._lines[0]
@@ -366,9 +366,8 @@ def split_key(kind: str, joined: str, key: int) -> int:
     salted hash left out, so the split is the same in every workspace (the salt is random per workspace
     unless set): a record with an e-mail address in it must not change sides, and with it the whole
     training order, from one run of the same recipe to the next."""
-    if "<" not in joined or not PLACEHOLDER_RE.search(joined):
-        return key
-    return exact_key(kind, PLACEHOLDER_RE.sub(lambda m: m.group(0)[:-(PLACEHOLDER_HEX + 2)] + ">", joined))
+    unsalted = without_salt(joined)
+    return key if unsalted == joined else exact_key(kind, unsalted)
 
 
 def _excerpt(row: dict) -> str:

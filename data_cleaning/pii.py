@@ -19,6 +19,12 @@ from typing import Callable
 
 PLACEHOLDER_HEX = 4  # hash characters in a placeholder, as in <EMAIL_3f2a>
 PLACEHOLDER_RE = re.compile(r"<[A-Z][A-Z0-9_]*_[0-9a-f]{%d}>" % PLACEHOLDER_HEX)
+_PLACEHOLDER_TYPE_RE = re.compile(r"<([A-Z][A-Z0-9_]*)_[0-9a-f]{%d}>" % PLACEHOLDER_HEX)
+
+
+def without_salt(text: str) -> str:
+    """text with each placeholder's salted hash dropped, `<EMAIL_3f2a>` -> `<EMAIL>`: the same under any salt."""
+    return _PLACEHOLDER_TYPE_RE.sub(r"<\1>", text)
 
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
 # Prefixed secrets: the prefix alone says what it is, so no entropy test is needed.
