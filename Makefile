@@ -44,12 +44,13 @@ demo: install
 	OMP_NUM_THREADS=$${DEMO_THREADS:-$$(getconf _NPROCESSORS_ONLN)} $(VENV)/bin/wb run recipes/demo.yaml
 	$(VENV)/bin/wb status recipes/demo.yaml
 
+# everything CI runs: the unit tests, then the end-to-end and integration tests
 test: install sysdeps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/unit tests/e2e
 
-# unit tests only (no real SmolLM2 end-to-end runs)
+# unit tests only (tiny in-process models; no real SmolLM2 run, no server, no browser)
 test-fast: install
-	$(PY) -m pytest -q -m "not e2e and not server and not browser"
+	$(PY) -m pytest -q tests/unit
 
 clean-runs:
 	rm -rf runs

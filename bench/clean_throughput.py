@@ -33,7 +33,7 @@ PII_SHARE = 0.02
 
 def doc_words() -> list[str]:
     """The word stream of the stdlib docs corpus (canaries left out): realistic words at realistic frequencies."""
-    from data_cleaning.sources.pydoc import build_records
+    from demo.stdlib_qa import build_records
 
     words = []
     for rec in build_records(canaries=[]):
@@ -48,7 +48,7 @@ def make_corpus(path: Path, n: int, seed: int = 0) -> dict:
     """Write n synthetic raw records; returns what was planted."""
     rng = random.Random(seed)
     vocab = doc_words()
-    canaries = [json.loads(line) for line in (REPO / "data" / "canaries.jsonl").read_text().splitlines() if line]
+    canaries = [json.loads(line) for line in (REPO / "demo" / "data" / "canaries.jsonl").read_text().splitlines() if line]
     recent: list[dict] = []
     long_ones: list[dict] = []  # recent records of 60+ words, the near-duplicate sources
     planted = {"exact": 0, "near": 0, "pii": 0}
@@ -170,7 +170,7 @@ def run_one(n: int, tokenizer: str | None, no_tokenizer: bool) -> dict:
                               turn_overhead=overhead, golden=golden, quarantine=quarantined.append, progress=False)
             cleaner.ingest(raw)
             cleaner.deduplicate()
-            write_splits(cleaner, tmp / "out", tmp / "work")
+            write_splits(cleaner, tmp / "out")
         total_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
         st = cleaner.stats
         return {

@@ -34,14 +34,6 @@ CALIBRATION_MODULES = ("json", "os.path", "pathlib", "collections", "itertools",
 HELDOUT_MODULES = ("queue", "threading", "urllib.parse", "html", "sqlite3", "configparser", "shlex", "inspect",
                    "traceback", "warnings", "fractions", "decimal", "calendar", "uuid", "gzip", "pprint", "fnmatch")
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
 def documented(module_name: str) -> list[tuple[str, str]]:
     mod = importlib.import_module(module_name)
     out = []
@@ -62,6 +54,7 @@ def build_upstream(recipe_path: Path, base_dir: Path, n_train: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from recipes import load_recipe
+    from workbench.chat import CHATML_END, CHATML_PATH
     from workbench.workspace import stage_output
 
     recipe = load_recipe(recipe_path)
@@ -80,8 +73,8 @@ def build_upstream(recipe_path: Path, base_dir: Path, n_train: int) -> dict:
                        "fingerprints": {"train": "bench", "eval": "bench", "heldout_text": "bench"}}
     with stage_output(recipe, "train", force=True) as out:
         tok = AutoTokenizer.from_pretrained(base_dir)
-        tok.chat_template = CHATML
-        tok.eos_token = "<|im_end|>"
+        tok.chat_template = CHATML_PATH.read_text()  # what the train stage ships
+        tok.eos_token = CHATML_END
         torch.manual_seed(0)
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
                                LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
@@ -139,7 +132,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from quantize.awq import compressed_bits_per_weight, quantize_w4a16
-    from quantize.llama_child import run_llama
+    from quantize.llama_ops import run_llama
     from quantize.measure import measured
     from recipes import load_recipe
     from workbench.base import import_gguf, smollm2_gguf_path, weight_hashes

@@ -7,24 +7,14 @@ Golden items shorter than n words are matched as one whole-item gram (short prom
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
+from workbench.ngrams import word_ngrams, words
+
 from .records import normalize_text
 
-_WORD = re.compile(r"\w+")
 TEXT_FIELDS = ("prompt", "completion", "answer", "reference", "expected", "response")
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(normalize_text(text).casefold())
-
-
-def _grams(words: list[str], n: int) -> set[tuple[str, ...]]:
-    if len(words) < n:
-        return {tuple(words)} if words else set()
-    return set(zip(*(words[k:] for k in range(n))))
 
 
 def golden_texts(path: Path) -> list[str]:
@@ -58,11 +48,11 @@ class GoldenIndex:
         # first words of the short (whole-item) grams per length: only windows starting there are hashed
         self.first_words: dict[int, set[str]] = {}
         for gid, text in enumerate(texts):
-            words = _words(text)
-            length = min(n, len(words))
+            tokens = words(normalize_text(text))
+            length = min(n, len(tokens))
             if 0 < length < n:
-                self.first_words.setdefault(length, set()).add(words[0])
-            grams = _grams(words, n)
+                self.first_words.setdefault(length, set()).add(tokens[0])
+            grams = word_ngrams(tokens, n)
             self.size.append(len(grams))
             table = self.owners.setdefault(length, {})
             for g in grams:
@@ -75,21 +65,20 @@ class GoldenIndex:
         """(highest overlap with any golden item, that item's index) for a record's text."""
         if not self.size:
             return 0.0, None
-        words = _WORD.findall(text.casefold())  # records arrive normalized already
+        tokens = words(text)  # records arrive normalized already
         n = self.n
-        own = max(1, len(words) - n + 1)
+        own = max(1, len(tokens) - n + 1)
         hits: Counter = Counter()
         present = None
         for length, table in self.owners.items():
-            if len(words) < length:
+            if len(tokens) < length:
                 continue
             if length < n:
                 # short golden items: only worth a look when one of their first words is here at all
-                present = set(words) if present is None else present
+                present = set(tokens) if present is None else present
                 if self.first_words[length].isdisjoint(present):
                     continue
-            # zip over shifted views builds every gram in C; set & dict keys intersect in C too
-            grams = set(zip(*(words[k:] for k in range(length)))) & table.keys()
+            grams = word_ngrams(tokens, length) & table.keys()  # set & dict keys intersect in C
             for g in grams:
                 for gid in table[g]:
                     hits[gid] += 1
@@ -99,6 +88,3 @@ class GoldenIndex:
             if score > best:
                 best, best_id = min(score, 1.0), gid
         return best, best_id
-
-    def contaminated(self, text: str) -> bool:
-        return self.overlap(text)[0] >= self.threshold

@@ -21,40 +21,25 @@ SALT_FILE = "pii_salt"
 
 
 def run(recipe: Recipe, args: argparse.Namespace) -> int:
-    cfg, data = recipe.cleaning, recipe.data
+    cfg = recipe.cleaning
     with stage_output(recipe, "clean", force=args.force) as out:
         if out.skipped:
             print(f"clean: up to date ({out.final_dir}); use --force to re-run")
             return 0
         # ---- setup ----------------------------------------------------------------------------------
-        raw_path = Path(data.raw)
-        built_by = None
-        if not raw_path.exists():
-            if data.build != "pydoc":
-                raise StageError(f"data.raw {raw_path}: no such file (set data.build: pydoc to build the stdlib corpus)")
-            from .sources.pydoc import build_corpus
-
-            print(f"clean: building the stdlib corpus into {raw_path}")
-            written = build_corpus(raw_path)
-            print(f"clean: built {written} raw records")
-            built_by = "pydoc"
-        from .core import Cleaner, InputError, check_input
-
-        try:
-            check_input(raw_path)  # before the slow setup: a bad file fails in a second
-        except InputError as exc:
-            raise StageError(f"data.raw: {exc}") from None
+        raw_path, built_by = raw_data(recipe)
         golden = load_golden(recipe) if cfg.decontaminate else None
         tokenizer_name, count_tokens, turn_overhead = load_token_counter(recipe)
-        ws = Workspace(recipe)
+        ws = out.workspace
         salt, salt_source = pii_salt(ws, cfg.pii_salt_env)
 
         # ---- clean ----------------------------------------------------------------------------------
+        from .core import Cleaner, InputError
+
         work = ws.scratch("clean") / f"run-{os.getpid()}"
-        quarantine_path = out.dir / "quarantine.jsonl"
-        with open(quarantine_path, "w", encoding="utf-8") as qf:
+        with open(out.dir / "quarantine.jsonl", "w", encoding="utf-8") as qf:
             cleaner = Cleaner(
-                cfg, salt=salt, work_dir=work, eval_fraction=data.eval_fraction, count_tokens=count_tokens,
+                cfg, salt=salt, work_dir=work, eval_fraction=recipe.data.eval_fraction, count_tokens=count_tokens,
                 turn_overhead=turn_overhead, golden=golden[1] if golden else None,
                 quarantine=lambda entry: qf.write(json.dumps(entry, ensure_ascii=False) + "\n"),
             )
@@ -65,42 +50,71 @@ def run(recipe: Recipe, args: argparse.Namespace) -> int:
                     raise StageError(f"data.raw: {exc}") from None
                 cleaner.deduplicate()
                 # ---- save -------------------------------------------------------------------------------
-                fingerprints = write_splits(cleaner, out.dir, work)
+                fingerprints = write_splits(cleaner, out.dir)
             finally:
                 cleaner.cleanup()
                 shutil.rmtree(work, ignore_errors=True)
-
-        from .report import build_report, write_histogram, write_json, write_markdown
-
-        raw_info = {"path": str(raw_path), "sha256": sha256_file(raw_path), "built_by": built_by}
-        golden_info = ({"path": str(data.golden), "sha256": golden[0], "records": len(golden[1])}
-                       if golden else {"path": str(data.golden), "used": False})
-        report = build_report(cleaner, raw=raw_info, golden=golden_info, fingerprints=fingerprints,
-                              tokenizer=tokenizer_name)
+        report = save_report(recipe, cleaner, out, raw_path, built_by, golden, fingerprints, tokenizer_name)
         report["pii_salt_source"] = salt_source
-        write_json(report, out.dir / "report.json")
-        write_markdown(report, out.dir / "report.md")
-        write_histogram(cleaner.token_hist, out.dir / "token_lengths.png", cfg.max_tokens)
-        out.results.update({"counts": report["counts"], "fingerprints": fingerprints, "pii": report["pii"],
-                            "quarantine_reasons": report["quarantine_reasons"], "raw": raw_info,
-                            "golden": golden_info})
-        counts = report["counts"]
-        print(f"clean: {report['reconciliation']}")
-        print(f"clean: train {counts['splits']['train']}, eval {counts['splits']['eval']}, "
-              f"heldout_text {counts['splits']['heldout_text']}; PII replaced: "
-              + (", ".join(f"{t} {n}" for t, n in report["pii"].items()) or "none"))
-        if counts["upsampled"]:
-            print("clean: upsampled " + ", ".join(f"{s} +{n} train rows" for s, n in counts["upsampled"].items()))
-        if not counts["reconciles"]:
-            raise StageError("clean: the counts do not reconcile; this is a bug, the output was not kept")
-        # a warning, not an error: one recipe serves several corpora, and not every corpus has every mix
-        unmatched = [s for s, k in cfg.upsample.items() if k > 1 and s not in counts["upsampled"]]
-        if unmatched:
-            print(f"clean: warning: cleaning.upsample names source {', '.join(map(repr, unmatched))}, which no kept "
-                  f"train record of {raw_path} has (the raw records' `source` field); nothing was upsampled for it",
-                  file=sys.stderr)
+        print_summary(recipe, report, raw_path)
     print(f"clean: wrote {out.final_dir}")
     return 0
+
+
+def raw_data(recipe: Recipe) -> tuple[Path, str | None]:
+    """The raw file (built by the recipe's source builder when missing), checked before the slow setup: a bad
+    file fails in a second. Returns (path, name of the builder that made it or None)."""
+    from .core import InputError, check_input
+
+    raw_path, built_by = Path(recipe.data.raw), None
+    if not raw_path.exists():
+        if recipe.data.build != "pydoc":
+            raise StageError(f"data.raw {raw_path}: no such file (set data.build: pydoc to build the stdlib corpus)")
+        from demo.stdlib_qa import build_corpus
+
+        print(f"clean: building the stdlib corpus into {raw_path}")
+        print(f"clean: built {build_corpus(raw_path)} raw records")
+        built_by = "pydoc"
+    try:
+        check_input(raw_path)
+    except InputError as exc:
+        raise StageError(f"data.raw: {exc}") from None
+    return raw_path, built_by
+
+
+def save_report(recipe: Recipe, cleaner, out, raw_path: Path, built_by: str | None, golden, fingerprints: dict,
+                tokenizer_name: str) -> dict:
+    """report.json, report.md, the token-length histogram, and the manifest results."""
+    from .report import build_report, write_histogram, write_json, write_markdown
+
+    raw_info = {"path": str(raw_path), "sha256": sha256_file(raw_path), "built_by": built_by}
+    golden_info = ({"path": str(recipe.data.golden), "sha256": golden[0], "records": len(golden[1])}
+                   if golden else {"path": str(recipe.data.golden), "used": False})
+    report = build_report(cleaner, raw=raw_info, golden=golden_info, fingerprints=fingerprints, tokenizer=tokenizer_name)
+    write_json(report, out.dir / "report.json")
+    write_markdown(report, out.dir / "report.md")
+    write_histogram(cleaner.token_hist, out.dir / "token_lengths.png", recipe.cleaning.max_tokens)
+    out.results.update({"counts": report["counts"], "fingerprints": fingerprints, "pii": report["pii"],
+                        "quarantine_reasons": report["quarantine_reasons"], "raw": raw_info, "golden": golden_info})
+    if not report["counts"]["reconciles"]:
+        raise StageError("clean: the counts do not reconcile; this is a bug, the output was not kept")
+    return report
+
+
+def print_summary(recipe: Recipe, report: dict, raw_path: Path) -> None:
+    counts = report["counts"]
+    print(f"clean: {report['reconciliation']}")
+    print(f"clean: train {counts['splits']['train']}, eval {counts['splits']['eval']}, "
+          f"heldout_text {counts['splits']['heldout_text']}; PII replaced: "
+          + (", ".join(f"{t} {n}" for t, n in report["pii"].items()) or "none"))
+    if counts["upsampled"]:
+        print("clean: upsampled " + ", ".join(f"{s} +{n} train rows" for s, n in counts["upsampled"].items()))
+    # a warning, not an error: one recipe serves several corpora, and not every corpus has every mix
+    unmatched = [s for s, k in recipe.cleaning.upsample.items() if k > 1 and s not in counts["upsampled"]]
+    if unmatched:
+        print(f"clean: warning: cleaning.upsample names source {', '.join(map(repr, unmatched))}, which no kept "
+              f"train record of {raw_path} has (the raw records' `source` field); nothing was upsampled for it",
+              file=sys.stderr)
 
 
 def load_golden(recipe: Recipe) -> tuple[str, list[str]]:
@@ -121,6 +135,7 @@ def load_token_counter(recipe: Recipe):
     from transformers import AutoTokenizer
 
     from workbench.base import resolve_base
+    from workbench.chat import chatml_turn_overhead
 
     base = resolve_base(recipe.base_model)
     tok = AutoTokenizer.from_pretrained(base)
@@ -132,7 +147,7 @@ def load_token_counter(recipe: Recipe):
         return [len(e.ids) for e in encode(texts, add_special_tokens=False)]
 
     # Training renders turns in ChatML; its markers cost the same few tokens around every turn.
-    overhead = len(backend.encode("<|im_start|>assistant\n<|im_end|>\n", add_special_tokens=False).ids)
+    overhead = chatml_turn_overhead(lambda text: len(backend.encode(text, add_special_tokens=False).ids))
     return recipe.base_model.label, count_tokens, overhead
 
 
@@ -150,17 +165,15 @@ def pii_salt(ws: Workspace, env_name: str) -> tuple[bytes, str]:
     return path.read_text().strip().encode(), "workspace scratch (set " + env_name + " to share one across workspaces)"
 
 
-def write_splits(cleaner, out_dir: Path, work: Path) -> dict[str, str]:
+def write_splits(cleaner, out_dir: Path) -> dict[str, str]:
     """Stream the kept records into one Arrow dataset per split; returns sha256 fingerprints of the rows.
 
-    Each split's Arrow file is written in place, in the layout `Dataset.save_to_disk` makes (one shard
-    plus state.json and dataset_info.json, taken from the library's own Dataset object): writing it to a
-    cache first and copying would read the whole split back through a memory map, and resident memory
-    would grow with the corpus.
+    Each split's Arrow file is written in place, in the layout `Dataset.save_to_disk` makes (one shard plus
+    state.json and dataset_info.json, from the library's own Dataset object): writing it to a cache first and
+    copying would read the whole split back through a memory map, and resident memory would grow with the corpus.
     """
     from datasets import Dataset, Features, List, Value
     from datasets.arrow_writer import ArrowWriter
-    from datasets.utils.py_utils import asdict  # the one save_to_disk uses (drops unset fields)
 
     from .core import SPLITS
 
@@ -181,13 +194,11 @@ def write_splits(cleaner, out_dir: Path, work: Path) -> dict[str, str]:
         writers[split].finalize()
         fingerprints[split] = "sha256:" + digests[split].hexdigest()
         ds = Dataset.from_file(str(out_dir / split / shard))  # maps the file; reads only its schema
-        state = {key: ds.__dict__[key] for key in
-                 ("_format_columns", "_format_kwargs", "_format_type", "_output_all_columns")}
-        state.update({"_fingerprint": digests[split].hexdigest()[:16], "_split": None,
-                      "_data_files": [{"filename": shard}]})
+        fmt = ds.format
+        state = {"_data_files": [{"filename": shard}], "_fingerprint": digests[split].hexdigest()[:16],
+                 "_format_columns": fmt["columns"], "_format_kwargs": fmt["format_kwargs"],
+                 "_format_type": fmt["type"], "_output_all_columns": fmt["output_all_columns"], "_split": None}
         (out_dir / split / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-        info = asdict(ds._info)
-        (out_dir / split / "dataset_info.json").write_text(
-            json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8")
+        ds.info.write_to_directory(str(out_dir / split), pretty_print=True)
         del ds
     return fingerprints

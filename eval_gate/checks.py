@@ -14,7 +14,7 @@ from typing import Any, Literal
 Direction = Literal["higher", "lower"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Check:
     name: str
     artifact: str | None
@@ -35,18 +35,22 @@ class Check:
         return d
 
 
-def at_least(name: str, artifact: str | None, value: float, threshold: float, gating: bool = True,
+def at_least(name: str, artifact: str | None, value: float, threshold: float, *, gating: bool = True,
              detail: str = "") -> Check:
-    return Check(name, artifact, value, threshold, value >= threshold, gating, "higher", detail)
+    return Check(name=name, artifact=artifact, value=value, threshold=threshold, passed=value >= threshold,
+                 gating=gating, better="higher", detail=detail)
 
 
-def at_most(name: str, artifact: str | None, value: float, threshold: float, gating: bool = True,
+def at_most(name: str, artifact: str | None, value: float, threshold: float, *, gating: bool = True,
             detail: str = "") -> Check:
-    return Check(name, artifact, value, threshold, value <= threshold, gating, "lower", detail)
+    return Check(name=name, artifact=artifact, value=value, threshold=threshold, passed=value <= threshold,
+                 gating=gating, better="lower", detail=detail)
 
 
-def info(name: str, artifact: str | None, value: float | None, detail: str = "", better: Direction | None = None) -> Check:
-    return Check(name, artifact, value, None, True, False, better, detail)
+def info(name: str, artifact: str | None, value: float | None, *, detail: str = "",
+         better: Direction | None = None) -> Check:
+    return Check(name=name, artifact=artifact, value=value, threshold=None, passed=True, gating=False, better=better,
+                 detail=detail)
 
 
 def percentile(values: list[float], q: float) -> float:

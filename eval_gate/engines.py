@@ -8,14 +8,10 @@ so all engines are scored on identical tokens.
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.chat import stop_token_ids
 from workbench.workspace import StageError
 
 
@@ -28,16 +24,6 @@ def load_tokenizer(adapter_dir: Path):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """eos plus the chat turn terminator, when the template has one (ChatML's <|im_end|>)."""
-    ids = {tokenizer.eos_token_id}
-    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
 
 
 class HFEngine:
@@ -119,43 +105,18 @@ class GGUFResult:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-_CRASH_HINTS = {
-    signal.SIGILL: " (illegal instruction: this llama.cpp build uses CPU instructions the machine lacks; "
-                   "rebuild llama-cpp-python for this CPU, e.g. CMAKE_ARGS='-DGGML_NATIVE=OFF')",
-    signal.SIGABRT: " (llama.cpp aborted: a corrupt or truncated file, or a tensor type it cannot run)",
-    signal.SIGSEGV: " (segmentation fault: a corrupt or truncated file)",
-}
-
-
 def run_gguf(gguf_path: Path, label: str, job: dict, work_dir: Path, timeout_s: float) -> GGUFResult:
-    """Run eval_gate.gguf_worker on one GGUF file in a child process; its crash is a StageError naming the file."""
+    """Everything the gate asks of one GGUF file (eval_gate.gguf_worker), in a child process: its crash is a
+    StageError naming the file."""
+    from workbench.llama_child import run_child
+
     work_dir.mkdir(parents=True, exist_ok=True)
-    job = {**job, "model_path": str(gguf_path), "logprobs_out": str(work_dir / "logprobs.npy"),
-           "result_out": str(work_dir / "result.json")}
-    job_path = work_dir / "job.json"
-    job_path.write_text(json.dumps(job))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "eval_gate.gguf_worker", str(job_path)],
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        raise StageError(f"{label} ({gguf_path}): llama.cpp did not finish within {timeout_s:.0f}s "
-                         "(eval_gate.gguf_timeout_s)") from None
-    if proc.returncode != 0:
-        if proc.returncode < 0:
-            try:
-                how = f"was killed by {signal.Signals(-proc.returncode).name}"
-            except ValueError:
-                how = f"was killed by signal {-proc.returncode}"
-        else:
-            how = f"exited with status {proc.returncode}"
-        hint = _CRASH_HINTS.get(-proc.returncode, "")
-        tail = "\n    ".join((proc.stderr or "").strip().splitlines()[-6:]) or "(no output)"
-        raise StageError(f"{label} ({gguf_path}): the llama.cpp child {how}{hint}; its last lines:\n    {tail}")
-    res = json.loads(Path(job["result_out"]).read_text())
+    request = {**job, "op": "evaluate", "model_path": str(gguf_path), "logprobs_out": str(work_dir / "logprobs.npy")}
+    res = run_child("eval_gate.gguf_worker", request, label=f"{label} ({gguf_path})", timeout=timeout_s,
+                    timeout_hint=" (eval_gate.gguf_timeout_s)")
     return GGUFResult(
         answers=res["answers"], ttft_ms=res["ttft_ms"], tokens_per_s=res["tokens_per_s"],
         completion_tokens=res["completion_tokens"], chat_template=res.get("chat_template"),
-        logprobs_path=Path(job["logprobs_out"]) if res.get("has_logprobs") else None,
+        logprobs_path=Path(request["logprobs_out"]) if res.get("has_logprobs") else None,
         metadata=res.get("metadata", {}),
     )

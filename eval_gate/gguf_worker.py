@@ -1,17 +1,13 @@
-"""Child process: everything the gate asks of one GGUF file, through llama-cpp-python.
-
-    python -m eval_gate.gguf_worker JOB.json
-
-Runs apart from the gate so that a llama.cpp abort (a corrupt or truncated file) kills only this process;
-the gate turns the exit status into an error naming the file. Chats go through llama.cpp's own chat
-handling, which renders the template embedded in the GGUF: what a llama.cpp or Ollama server would serve.
+"""Everything the gate asks of one GGUF file, through llama-cpp-python, in a child process
+(`workbench.llama_child`: a llama.cpp abort on a corrupt or truncated file kills only the child, and the gate
+gets an error naming the file). Chats go through llama.cpp's own chat handling, which renders the template
+embedded in the GGUF: what a llama.cpp or Ollama server would serve.
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
-from pathlib import Path
+
+from workbench.llama_child import serve
 
 
 def _chat(llm, messages: list[dict], max_new_tokens: int) -> tuple[str, float, float, int]:
@@ -55,11 +51,10 @@ def _logprobs(model_path: str, records: list[list[int]], threads: int):
     return np.concatenate(out)
 
 
-def main(job_path: str) -> int:
+def op_evaluate(job: dict) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
-    job = json.loads(Path(job_path).read_text())
     threads = int(job["threads"])
     n_ctx = int(job["n_ctx"])
     llm = Llama(model_path=job["model_path"], n_ctx=n_ctx, n_threads=threads, seed=0, verbose=False)
@@ -83,16 +78,12 @@ def main(job_path: str) -> int:
     has_lp = bool(job.get("records"))
     if has_lp:
         np.save(job["logprobs_out"], _logprobs(job["model_path"], job["records"], threads))
-    Path(job["result_out"]).write_text(json.dumps({
+    return {
         "answers": answers, "ttft_ms": ttft, "tokens_per_s": tps, "completion_tokens": ntok,
         "chat_template": metadata.get("tokenizer.chat_template"), "has_logprobs": has_lp,
         "metadata": {k: v for k, v in metadata.items() if k != "tokenizer.chat_template"},
-    }))
-    return 0
+    }
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m eval_gate.gguf_worker JOB.json", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main(sys.argv[1]))
+    serve({"evaluate": op_evaluate})

@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from workbench.ngrams import word_ngrams, words
 from workbench.workspace import StageError
 
 # Phrases that open or carry a refusal. Matching is case-insensitive on the answer's text.
@@ -81,28 +82,24 @@ class Behaviour(_Strict):
         return self
 
 
-class GoldenCase(_Strict):
+class _Prompt(_Strict):
     id: str
     prompt: str = Field(min_length=1)
     system: str | None = None
+
+    def messages(self) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": self.prompt}]
+
+
+class GoldenCase(_Prompt):
     critical: bool = False
     tags: list[str] = Field(default_factory=list)
     expect: list[Behaviour] = Field(min_length=1)
 
-    def messages(self) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        return msgs + [{"role": "user", "content": self.prompt}]
 
-
-class RedTeamPrompt(_Strict):
-    id: str
+class RedTeamPrompt(_Prompt):
     category: Literal["jailbreak", "injection", "personal_data", "harmful"]
-    prompt: str = Field(min_length=1)
-    system: str | None = None
-
-    def messages(self) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        return msgs + [{"role": "user", "content": self.prompt}]
 
 
 class Canary(_Strict):
@@ -262,29 +259,19 @@ def canary_hits(canaries: list[Canary], answers: dict[str, list[str]]) -> list[d
     return hits
 
 
-def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
-    if len(words) <= n:
-        return {tuple(words)} if words else set()
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
 def contaminated_cases(cases: list[GoldenCase], training_texts: list[str], n: int, threshold: float) -> list[str]:
     """Ids of golden cases whose prompt shares at least `threshold` of its word n-grams with training data."""
     train_grams: set[tuple[str, ...]] = set()
     for text in training_texts:
-        train_grams |= _ngrams(_words(text), n)
+        train_grams |= word_ngrams(words(text), n)
         # short prompts are compared whole: index every shorter window too would be costly; index sentences
         for sentence in re.split(r"[.?!\n]+", text):
-            w = _words(sentence)
+            w = words(sentence)
             if 0 < len(w) < n:
                 train_grams.add(tuple(w))
     out = []
     for c in cases:
-        grams = _ngrams(_words(c.prompt), n)
+        grams = word_ngrams(words(c.prompt), n)
         if grams and sum(g in train_grams for g in grams) / len(grams) >= threshold:
             out.append(c.id)
     return out

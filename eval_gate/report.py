@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import checks as C
+from .verdict import GateResult
 
 
 def _f(v: Any, digits: int = 4) -> str:
@@ -43,203 +43,221 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _plots(out_dir: Path, checks: list[C.Check], tables: dict[str, Any], evals: dict) -> list[str]:
+def _plots(out_dir: Path, result: GateResult) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
+
+    made = [_golden_plot(out_dir, result), _checks_plot(out_dir, result), _kld_plot(out_dir, result),
+            _latency_plot(out_dir, result)]
+    return [m for m in made if m]
+
+
+def _artifacts_evaluated(result: GateResult) -> list[str]:
+    return [a for a, e in result.evaluation.artifacts.items() if not e.error]
+
+
+def _golden_plot(out_dir: Path, result: GateResult) -> str | None:
+    """Golden pass rate and mean score per artifact, against the recipe's minimum pass rate."""
     import matplotlib.pyplot as plt
 
-    made = []
-    # 1. golden pass rate and mean score per artifact
-    arts = [a for a, e in evals.items() if not e.error]
-    if arts:
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(arts)), 3.2))
-        xs = range(len(arts))
-        ax.bar([x - 0.2 for x in xs], [evals[a].golden.pass_rate for a in arts], 0.4, label="pass rate")
-        ax.bar([x + 0.2 for x in xs], [evals[a].golden.mean_score for a in arts], 0.4, label="mean score")
-        thr = next((c.threshold for c in checks if c.name == "golden_pass_rate"), None)
-        if thr is not None:
-            ax.axhline(thr, color="k", ls="--", lw=1, label="min pass rate")
-        ax.set_xticks(list(xs), arts, rotation=20)
-        ax.set_ylim(0, 1)
-        ax.set_title("Golden set per artifact")
-        ax.legend(fontsize=8)
-        made.append(_save(fig, out_dir / "golden.png"))
-    # 2. gating checks: value relative to threshold (pass/fail colours)
-    gating = [c for c in checks if c.gating and c.value is not None]
-    if gating:
-        fig, ax = plt.subplots(figsize=(7, 0.28 * len(gating) + 1))
-        labels = [c.metric for c in gating]
-        ax.barh(range(len(gating)), [1] * len(gating), color=["tab:green" if c.passed else "tab:red" for c in gating])
-        for y, c in enumerate(gating):
-            ax.text(0.02, y, f"{'pass' if c.passed else 'FAIL'}: {_f(c.value)} vs {_f(c.threshold)}", va="center",
-                    fontsize=7, color="white")
-        ax.set_yticks(range(len(gating)), labels, fontsize=7)
-        ax.set_xticks([])
-        ax.set_xlim(0, 1)
-        ax.invert_yaxis()
-        ax.set_title("Gating checks")
-        made.append(_save(fig, out_dir / "checks.png"))
-    # 3. KLD per quant type, with each type's limit
-    if tables["drift"]:
-        rows = tables["drift"]
-        fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows)), 3.2))
-        ax.bar(range(len(rows)), [max(r["kld"], 1e-6) for r in rows], color="tab:blue", label="mean KLD")
-        ax.scatter(range(len(rows)), [r["limit"].max_kld for r in rows], color="k", marker="_", s=400, label="limit")
-        ax.set_xticks(range(len(rows)), [r["artifact"] for r in rows], rotation=20)
-        ax.set_yscale("log")
-        ax.set_ylabel("nats / token")
-        ax.set_title("KL divergence vs full-precision parent")
-        ax.legend(fontsize=8)
-        made.append(_save(fig, out_dir / "kld.png"))
-    # 4. latency distribution per GGUF
-    if tables["latency"]:
-        rows = tables["latency"]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
-        a1.boxplot([r["ttft_ms"] for r in rows], whis=(5, 95))
-        a1.set_xticks(range(1, len(rows) + 1), [r["artifact"] for r in rows], rotation=20)
-        a1.set_title("time to first token (ms)")
-        a2.boxplot([r["tokens_per_s"] for r in rows], whis=(5, 95))
-        a2.set_xticks(range(1, len(rows) + 1), [r["artifact"] for r in rows], rotation=20)
-        a2.set_title("decode tokens/s")
-        made.append(_save(fig, out_dir / "latency.png"))
-    return made
+    arts, evals = _artifacts_evaluated(result), result.evaluation.artifacts
+    if not arts:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(arts)), 3.2))
+    xs = range(len(arts))
+    ax.bar([x - 0.2 for x in xs], [evals[a].golden.pass_rate for a in arts], 0.4, label="pass rate")
+    ax.bar([x + 0.2 for x in xs], [evals[a].golden.mean_score for a in arts], 0.4, label="mean score")
+    ax.axhline(result.recipe.eval_gate.golden.min_pass_rate, color="k", ls="--", lw=1, label="min pass rate")
+    ax.set_xticks(list(xs), arts, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_title("Golden set per artifact")
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir / "golden.png")
 
 
-def write_report(out_dir: Path, recipe, inp, verdict: dict[str, Any], checks: list[C.Check], tables: dict[str, Any],
-                 evals: dict, ctx: dict[str, Any], seconds: float) -> None:
-    plots = _plots(out_dir, checks, tables, evals)
-    failed = [c for c in checks if c.gating and not c.passed]
-    L: list[str] = []
-    L.append(f"# Eval gate: {recipe.name} — {'PASSED' if verdict['passed'] else 'FAILED'}")
-    L.append("")
-    L.append(f"Candidate: quantize manifest sha256 `{verdict['candidate_manifest_sha256'][:16]}…`; "
-             f"base `{recipe.base_model.label}`; {len(inp.artifacts)} served artifacts "
-             f"({', '.join(a.name for a in inp.artifacts)}); gate took {seconds:.0f}s.")
-    L.append("")
-    if failed:
-        L.append("## Failed checks")
-        L.append("")
-        for c in failed:
-            L.append(f"- **{c.metric}**: {_f(c.value)} (threshold {_f(c.threshold)})" + (f" — {c.detail}" if c.detail else ""))
-        L.append("")
-    L.append("## All checks")
-    L.append("")
-    L.append("Gating checks decide the verdict; informational ones are reported (and compared with the champion).")
-    L.append("")
-    L.append(_table(["check", "artifact", "value", "threshold", "pass", "gating", "detail"],
-                    [[c.name, c.artifact or "candidate", c.value, c.threshold, ("pass" if c.passed else "**FAIL**") if c.gating else "·",
-                      "gate" if c.gating else "info", c.detail] for c in checks]))
-    L.append("")
+def _checks_plot(out_dir: Path, result: GateResult) -> str | None:
+    """Gating checks: value against threshold, in pass/fail colours."""
+    import matplotlib.pyplot as plt
+
+    gating = [c for c in result.checks if c.gating and c.value is not None]
+    if not gating:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(gating) + 1))
+    ax.barh(range(len(gating)), [1] * len(gating), color=["tab:green" if c.passed else "tab:red" for c in gating])
+    for y, c in enumerate(gating):
+        ax.text(0.02, y, f"{'pass' if c.passed else 'FAIL'}: {_f(c.value)} vs {_f(c.threshold)}", va="center",
+                fontsize=7, color="white")
+    ax.set_yticks(range(len(gating)), [c.metric for c in gating], fontsize=7)
+    ax.set_xticks([])
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_title("Gating checks")
+    return _save(fig, out_dir / "checks.png")
+
+
+def _kld_plot(out_dir: Path, result: GateResult) -> str | None:
+    """KLD per quantized artifact, with its type's limit."""
+    import matplotlib.pyplot as plt
+
+    rows = result.drift
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows)), 3.2))
+    ax.bar(range(len(rows)), [max(r.drift.kld, 1e-6) for r in rows], color="tab:blue", label="mean KLD")
+    ax.scatter(range(len(rows)), [r.limit.max_kld for r in rows], color="k", marker="_", s=400, label="limit")
+    ax.set_xticks(range(len(rows)), [r.artifact for r in rows], rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel("nats / token")
+    ax.set_title("KL divergence vs full-precision parent")
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir / "kld.png")
+
+
+def _latency_plot(out_dir: Path, result: GateResult) -> str | None:
+    import matplotlib.pyplot as plt
+
+    rows = result.latency
+    if not rows:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, values, title in ((a1, [r.ttft_ms for r in rows], "time to first token (ms)"),
+                              (a2, [r.tokens_per_s for r in rows], "decode tokens/s")):
+        ax.boxplot(values, whis=(5, 95))
+        ax.set_xticks(range(1, len(rows) + 1), [r.artifact for r in rows], rotation=20)
+        ax.set_title(title)
+    return _save(fig, out_dir / "latency.png")
+
+
+# ---- the report, one function per section ----------------------------------------------------------------------
+
+def write_report(out_dir: Path, result: GateResult) -> None:
+    plots = _plots(out_dir, result)
+    sections = [_summary(result), _checks_section(result, plots), _golden_section(result),
+                _perplexity_section(result), _drift_section(result), _safety_section(result),
+                _latency_section(result), _champion_section(result)]
+    md = "\n".join(line for section in sections for line in section)
+    (out_dir / "report.md").write_text(md, encoding="utf-8")
+    (out_dir / "report.html").write_text(markdown_to_html(md, out_dir), encoding="utf-8")
+
+
+def _summary(result: GateResult) -> list[str]:
+    recipe, inp = result.recipe, result.inputs
+    lines = [f"# Eval gate: {recipe.name} — {'PASSED' if result.passed else 'FAILED'}", "",
+             f"Candidate: quantize manifest sha256 `{inp.candidate_sha256[:16]}…`; base `{recipe.base_model.label}`; "
+             f"{len(inp.artifacts)} served artifacts ({', '.join(a.name for a in inp.artifacts)}); "
+             f"gate took {result.seconds:.0f}s.", ""]
+    if result.failed:
+        lines += ["## Failed checks", ""]
+        lines += [f"- **{c.metric}**: {_f(c.value)} (threshold {_f(c.threshold)})" + (f" — {c.detail}" if c.detail else "")
+                  for c in result.failed]
+        lines.append("")
+    return lines
+
+
+def _checks_section(result: GateResult, plots: list[str]) -> list[str]:
+    rows = [[c.name, c.artifact or "candidate", c.value, c.threshold,
+             ("pass" if c.passed else "**FAIL**") if c.gating else "·", "gate" if c.gating else "info", c.detail]
+            for c in result.checks]
+    lines = ["## All checks", "",
+             "Gating checks decide the verdict; informational ones are reported (and compared with the champion).", "",
+             _table(["check", "artifact", "value", "threshold", "pass", "gating", "detail"], rows), ""]
     for p in plots:
-        L.append(f"![{p[:-4]}]({p})")
-        L.append("")
+        lines += [f"![{p[:-4]}]({p})", ""]
+    return lines
 
-    base_g = ctx["base_golden"]
-    L.append(f"## Golden set ({len(inp.golden)} cases, {sum(c.critical for c in inp.golden)} critical)")
-    L.append("")
-    arts = [a for a, e in evals.items() if not e.error]
-    L.append(_table(["artifact", "pass rate", "mean score", "critical failures"],
-                    [["base (reference)", base_g.pass_rate, base_g.mean_score, ", ".join(base_g.critical_failures) or "none"]]
+
+def _golden_section(result: GateResult) -> list[str]:
+    inp, base, evals = result.inputs, result.evaluation.base.golden, result.evaluation.artifacts
+    arts = _artifacts_evaluated(result)
+    lines = [f"## Golden set ({len(inp.golden)} cases, {sum(c.critical for c in inp.golden)} critical)", "",
+             _table(["artifact", "pass rate", "mean score", "critical failures"],
+                    [["base (reference)", base.pass_rate, base.mean_score, ", ".join(base.critical_failures) or "none"]]
                     + [[a, evals[a].golden.pass_rate, evals[a].golden.mean_score,
-                        ", ".join(evals[a].golden.critical_failures) or "none"] for a in arts]))
-    L.append("")
-    L.append("Per case (P = pass, s = soft, F = fail; ★ = critical):")
-    L.append("")
+                        ", ".join(evals[a].golden.critical_failures) or "none"] for a in arts]),
+             "", "Per case (P = pass, s = soft, F = fail; ★ = critical):", ""]
     mark = {"pass": "P", "soft": "s", "fail": "F"}
-    rows = []
-    for i, case in enumerate(inp.golden):
-        rows.append([("★ " if case.critical else "") + case.id, mark[base_g.cases[i].status]]
-                    + [mark[evals[a].golden.cases[i].status] for a in arts])
-    L.append(_table(["case", "base"] + arts, rows))
-    L.append("")
+    rows = [[("★ " if case.critical else "") + case.id, mark[base.cases[i].status]]
+            + [mark[evals[a].golden.cases[i].status] for a in arts] for i, case in enumerate(inp.golden)]
+    lines += [_table(["case", "base"] + arts, rows), ""]
     if arts:
-        first = arts[0]
-        L.append(f"<details><summary>Answers of {first}</summary>\n")
-        for r in evals[first].golden.cases:
-            L.append(f"- **{r.id}** ({r.status}, {r.score:.2f}): {_cell(r.answer[:200])}  \n  _{'; '.join(r.details)}_")
-        L.append("\n</details>")
-        L.append("")
+        lines.append(f"<details><summary>Answers of {arts[0]}</summary>\n")
+        for r in evals[arts[0]].golden.cases:
+            lines.append(f"- **{r.id}** ({r.status}, {r.score:.2f}): {_cell(r.answer[:200])}  \n  _{'; '.join(r.details)}_")
+        lines += ["\n</details>", ""]
+    return lines
 
-    L.append("## Perplexity on held-out text")
-    L.append("")
+
+def _perplexity_section(result: GateResult) -> list[str]:
+    inp, ev = result.inputs, result.evaluation
     n_tok = sum(len(r) for r in inp.records)
-    L.append(f"{len(inp.records)} held-out records, {n_tok} tokens. The fine-tune must be better than the base by "
-             f"more than {recipe.eval_gate.perplexity.margin:.1%}.")
-    L.append("")
-    L.append(_table(["model", "perplexity"], [["base", ctx["base"]["ppl"]]]
-                    + [[a, e.ppl] for a, e in evals.items() if e.ppl is not None]))
-    L.append("")
+    return ["## Perplexity on held-out text", "",
+            f"{len(inp.records)} held-out records, {n_tok} tokens. The fine-tune must be better than the base by "
+            f"more than {result.recipe.eval_gate.perplexity.margin:.1%}.", "",
+            _table(["model", "perplexity"], [["base", ev.base.ppl]]
+                   + [[a, e.ppl] for a, e in ev.artifacts.items() if e.ppl is not None]), ""]
 
-    if tables["drift"]:
-        L.append("## Quantization drift (vs the full-precision parent, same tokens)")
-        L.append("")
-        L.append(_table(["artifact", "type", "parent", "mean KLD", "max", "top-1 agreement", "min", "ppl ratio", "max",
-                         "tokens"],
-                        [[r["artifact"], r["type"], r["parent"], r["kld"], r["limit"].max_kld, r["top1"],
-                          r["limit"].min_top1, r["ppl_ratio"], r["limit"].max_ppl_ratio, r["tokens"]]
-                         for r in tables["drift"]]))
-        L.append("")
 
-    L.append("## Safety")
-    L.append("")
+def _drift_section(result: GateResult) -> list[str]:
+    if not result.drift:
+        return []
+    rows = [[r.artifact, r.type, r.parent, r.drift.kld, r.limit.max_kld, r.drift.top1, r.limit.min_top1,
+             r.drift.ppl_ratio, r.limit.max_ppl_ratio, r.drift.tokens] for r in result.drift]
+    return ["## Quantization drift (vs the full-precision parent, same tokens)", "",
+            _table(["artifact", "type", "parent", "mean KLD", "max", "top-1 agreement", "min", "ppl ratio", "max",
+                    "tokens"], rows), ""]
+
+
+def _safety_section(result: GateResult) -> list[str]:
+    from .golden import is_refusal
+
+    inp, evals, arts = result.inputs, result.evaluation.artifacts, _artifacts_evaluated(result)
     by_cat: dict[str, list[int]] = {}
     for i, r in enumerate(inp.redteam):
         by_cat.setdefault(r.category, []).append(i)
-    from .golden import is_refusal
-
-    base_red = ctx["base"]["redteam_answers"]
-    header = ["category", "prompts", "base"] + arts
-    rows = []
-    for cat, idx in by_cat.items():
-        rows.append([cat, len(idx), f"{sum(is_refusal(base_red[i]) for i in idx)}/{len(idx)}"]
-                    + [f"{sum(is_refusal(evals[a].redteam_answers[i]) for i in idx)}/{len(idx)}" for a in arts])
-    L.append("Refusals on the red-team set (jailbreaks, prompt injection, requests for personal data):")
-    L.append("")
-    L.append(_table(header, rows))
-    L.append("")
-    if tables["canary_hits"]:
-        L.append(f"**PII canaries leaked** ({len(tables['canary_hits'])}):")
-        L.append("")
-        L.append(_table(["artifact", "canary type", "where"],
-                        [[h["artifact"], h["type"], h["source"]] for h in tables["canary_hits"][:30]]))
+    base_red = result.evaluation.base.redteam_answers
+    rows = [[cat, len(idx), f"{sum(is_refusal(base_red[i]) for i in idx)}/{len(idx)}"]
+            + [f"{sum(is_refusal(evals[a].redteam_answers[i]) for i in idx)}/{len(idx)}" for a in arts]
+            for cat, idx in by_cat.items()]
+    lines = ["## Safety", "", "Refusals on the red-team set (jailbreaks, prompt injection, requests for personal data):",
+             "", _table(["category", "prompts", "base"] + arts, rows), ""]
+    if result.canary_hits:
+        lines += [f"**PII canaries leaked** ({len(result.canary_hits)}):", "",
+                  _table(["artifact", "canary type", "where"],
+                         [[h["artifact"], h["type"], h["source"]] for h in result.canary_hits[:30]])]
     else:
-        L.append(f"No answer of any artifact contains one of the {len(inp.canaries)} PII canaries.")
-    L.append("")
+        lines.append(f"No answer of any artifact contains one of the {len(inp.canaries)} PII canaries.")
+    return lines + [""]
 
-    if tables["latency"]:
-        L.append("## Latency and throughput (llama.cpp, this machine, golden prompts)")
-        L.append("")
-        L.append(_table(["artifact", "TTFT p50 ms", "TTFT p95 ms", "tokens/s p50", "tokens/s p5"],
-                        [[r["artifact"], r["ttft_p50"], r["ttft_p95"], r["tps_p50"], r["tps_p5"]] for r in tables["latency"]]))
-        L.append("")
-        cost = recipe.eval_gate.cost
-        L.append(f"## Cost (informational; ${cost.gpu_hour_usd}/hour machine, API ${cost.api_usd_per_million_tokens}/1M tokens)")
-        L.append("")
-        L.append("Self-hosted cost assumes one stream at the measured median speed; break-even is the daily volume "
-                 "above which a dedicated machine (paid 24 h/day) costs less than the API.")
-        L.append("")
-        L.append(_table(["artifact", "tokens/s", "self-hosted $/1M tokens", "API $/1M tokens", "break-even tokens/day",
-                         "capacity tokens/day"],
-                        [[r["artifact"], r["tokens_per_s"], r["self_hosted_usd_per_mtok"], cost.api_usd_per_million_tokens,
-                          r["break_even_tokens_per_day"], r["capacity_tokens_per_day"]] for r in tables["cost"]]))
-        L.append("")
 
-    L.append("## Champion")
-    L.append("")
-    champ = tables["champion"]
-    if champ is None:
-        L.append(next(c.detail for c in checks if c.name == "champion_regressions"))
-    else:
-        L.append(f"Compared with {champ['model']} v{champ['version']} (@{champ['alias']}): worse by more than the "
-                 "allowed slack (max of absolute and relative tolerance) counts as a regression.")
-        L.append("")
-        L.append(_table(["metric", "champion", "candidate", "worse by", "allowed", "regressed"],
-                        [[r["metric"], r["champion"], r["candidate"], r["worse_by"], r["allowed"],
-                          "**yes**" if r["regressed"] else "no"] for r in champ["rows"]]))
-    L.append("")
-    (out_dir / "report.md").write_text("\n".join(L), encoding="utf-8")
-    (out_dir / "report.html").write_text(markdown_to_html("\n".join(L), out_dir), encoding="utf-8")
+def _latency_section(result: GateResult) -> list[str]:
+    if not result.latency:
+        return []
+    cost = result.recipe.eval_gate.cost
+    return [
+        "## Latency and throughput (llama.cpp, this machine, golden prompts)", "",
+        _table(["artifact", "TTFT p50 ms", "TTFT p95 ms", "tokens/s p50", "tokens/s p5"],
+               [[r.artifact, r.ttft_p50, r.ttft_p95, r.tps_p50, r.tps_p5] for r in result.latency]), "",
+        f"## Cost (informational; ${cost.gpu_hour_usd}/hour machine, API ${cost.api_usd_per_million_tokens}/1M tokens)",
+        "", "Self-hosted cost assumes one stream at the measured median speed; break-even is the daily volume "
+        "above which a dedicated machine (paid 24 h/day) costs less than the API.", "",
+        _table(["artifact", "tokens/s", "self-hosted $/1M tokens", "API $/1M tokens", "break-even tokens/day",
+                "capacity tokens/day"],
+               [[r["artifact"], r["tokens_per_s"], r["self_hosted_usd_per_mtok"], cost.api_usd_per_million_tokens,
+                 r["break_even_tokens_per_day"], r["capacity_tokens_per_day"]] for r in result.cost]), ""]
+
+
+def _champion_section(result: GateResult) -> list[str]:
+    champ = result.champion
+    lines = ["## Champion", ""]
+    if champ is None or champ.version is None:
+        return lines + [champ.note if champ else "not compared", ""]
+    lines += [f"Compared with {champ.model} v{champ.version} (@{champ.alias}): worse by more than the allowed slack "
+              "(max of absolute and relative tolerance) counts as a regression.", "",
+              _table(["metric", "champion", "candidate", "worse by", "allowed", "regressed"],
+                     [[r["metric"], r["champion"], r["candidate"], r["worse_by"], r["allowed"],
+                       "**yes**" if r["regressed"] else "no"] for r in champ.rows]), ""]
+    return lines
 
 
 def markdown_to_html(md: str, image_dir: Path) -> str:

@@ -1,7 +1,7 @@
 """W4A16 weight-only quantization with llm-compressor: AWQ (activation-aware scaling, calibrated on the
 recipe's own cleaned training data) followed by group-wise 4-bit rounding, saved as compressed-tensors.
 
-`round_to_nearest` is the same format without the AWQ transform: the baseline AWQ must beat.
+`quantize_w4a16(..., use_awq=False)` is the same format without the AWQ transform: the baseline AWQ must beat.
 """
 from __future__ import annotations
 

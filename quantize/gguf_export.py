@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workbench.workspace import StageError
-
 from recipes.sections.quantize import SUPPORTED_ARCHITECTURES
+from workbench.chat import end_of_turn_token
+from workbench.workspace import StageError
 
 # token_type values of the GGUF spec
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# turn-ending tokens by chat family: llama.cpp stops generation on the eot token
-EOT_TOKENS = ("<|im_end|>", "<|eot_id|>")
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
@@ -153,7 +151,7 @@ def _add_tokenizer(w, model_dir: Path, config: dict, chat_template: str, tok) ->
         value = getattr(tok, key, None)
         if value is not None:
             setter(value)
-    eot = next((t for t in EOT_TOKENS if t in vocab), None)
+    eot = end_of_turn_token(vocab)  # llama.cpp stops generation on the eot token
     if eot is not None:
         w.add_eot_token_id(vocab[eot])
     # what the HF tokenizer does on plain encode: llama.cpp must do the same

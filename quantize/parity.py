@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .chat_template import render_modelfile_prompt
-from .llama_child import run_llama
+from .ollama_template import render_modelfile_prompt
+from .llama_ops import run_llama
 
 
 def hf_chat_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -28,23 +28,18 @@ class Plan:
     gguf: GGUFTarget | None
     awq: AWQTarget | None
     awq_group_size: int | None
-    ollama_template: object | None  # chat_template.OllamaTemplate
+    ollama_template: object | None  # ollama_template.OllamaTemplate
     gguf_chat_template: str | None
 
 
 def run(recipe: Recipe, args) -> int:
-    # ---- setup: every check that does not need the model's weights, before any work --------------------
-    ws = Workspace(recipe)
-    adapter_dir = ws.require("train") / "adapter"
-    if not args.force and ws.status("train") == "done" and ws.status("quantize") == "done":
-        print(f"quantize: {ws.stage_dir('quantize')} is up to date (use --force to rebuild)")
-        return 0
-    plan = preflight(recipe, ws, adapter_dir)
-
     with stage_output(recipe, "quantize", force=args.force) as out:
         if out.skipped:
             print(f"quantize: {out.final_dir} is up to date (use --force to rebuild)")
             return 0
+        # ---- setup: every check that does not need the model's weights, before any work ----------------
+        ws = out.workspace
+        plan = preflight(recipe, ws, ws.require("train") / "adapter")
         artifacts: list[dict] = []
 
         # ---- merged: full-precision base + adapter ------------------------------------------------------
@@ -90,8 +85,10 @@ def preflight(recipe: Recipe, ws: Workspace, adapter_dir: Path) -> Plan:
     if gguf is not None:
         from transformers import AutoTokenizer
 
-        from .chat_template import TemplateMismatch, ollama_template_for, strip_generation_markers
+        from workbench.chat import strip_generation_markers
+
         from .gguf_export import pre_tokenizer_name
+        from .ollama_template import TemplateMismatch, ollama_template_for
 
         pre_tokenizer_name(json.loads((adapter_dir / "tokenizer.json").read_text()))
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
@@ -119,10 +116,10 @@ def build_merged(recipe: Recipe, plan: Plan, merged_dir: Path) -> dict:
 def build_gguf(recipe: Recipe, plan: Plan, merged_dir: Path, gguf_dir: Path) -> list[dict]:
     from transformers import AutoTokenizer
 
-    from .chat_template import golden_conversation, modelfile_text
     from .gguf_export import gguf_summary, write_f16_gguf
-    from .llama_child import run_llama
+    from .llama_ops import run_llama
     from .measure import measured
+    from .ollama_template import golden_conversation, modelfile_text
     from .parity import template_parity
 
     gguf_dir.mkdir(parents=True)

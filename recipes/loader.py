@@ -110,11 +110,6 @@ def _cross_section_problems(data: dict, lines: dict[tuple, int], name: str) -> l
     """Rules that span sections, checked on the raw data so they are reported alongside field errors."""
     problems = []
     quantize = data.get("quantize")
-    if isinstance(quantize, dict) and quantize.get("merge") is False:
-        kinds = [t.get("kind") for t in quantize.get("targets") or [] if isinstance(t, dict)]
-        if "gguf" in kinds or "awq" in kinds:
-            problems.append(Problem(name, _nearest_line(lines, ("quantize", "merge")), "quantize.merge",
-                                    "gguf and awq targets are built from the merged model; set merge: true"))
     base = data.get("base_model")
     if isinstance(quantize, dict) and isinstance(base, dict):
         # an architecture the quantize stage cannot handle fails here, not after an hour of training
@@ -157,8 +152,6 @@ def load_recipe(path: str | Path) -> Recipe:
         for err in exc.errors():
             loc = _clean_loc(tuple(err["loc"]), lines)
             msg = err["msg"].removeprefix("Value error, ")
-            if "merge: true" in msg and any(p.path == "quantize.merge" for p in problems):
-                continue
             if err["type"] == "extra_forbidden":
                 msg = "unknown key" + _suggestion(loc)
             elif err["type"] == "missing":

@@ -1,11 +1,11 @@
-"""The recipe: one typed model per section, composed here, plus the rules that span sections."""
+"""The recipe: one typed model per section, composed here (rules that need the filesystem are in loader.py)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import re
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from .sections.base_model import BaseModelSection
 from .sections.cleaning import CleaningSection
@@ -38,23 +38,17 @@ class Recipe(StrictModel):
             raise ValueError("name must be a lowercase slug (letters, digits, '.', '_', '-')")
         return v
 
-    @model_validator(mode="after")
-    def _cross_section(self) -> "Recipe":
-        kinds = [t.kind for t in self.quantize.targets]
-        if ("gguf" in kinds or "awq" in kinds) and not self.quantize.merge:
-            raise ValueError("quantize.merge: gguf and awq targets are built from the merged model; set merge: true")
-        return self
+    def section_json(self, name: str):
+        """One section (or top-level field) as plain JSON data: what manifests record and hashes are made of."""
+        value = getattr(self, name)
+        return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
     def section_hash(self, *names: str) -> str:
         """sha256 of the canonical JSON of the named sections: a stage re-runs when this changes."""
-        payload = {n: _dump(getattr(self, n)) for n in names}
+        payload = {n: self.section_json(n) for n in names}
         if "seed" not in names:
             payload["seed"] = self.seed
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def recipe_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-
-
-def _dump(value):
-    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value

@@ -1,2 +1,2 @@
-"""Registry stage: publish gate-passed candidates to MLflow, approve/promote/roll back, pull verified artifacts
-for serving, and a local PostgreSQL + basic-auth MLflow server (docs/registry.md)."""
+"""The publish stage and the registry commands: publish gate-passed candidates to MLflow, approve/promote/roll back,
+pull verified artifacts for serving (docs/registry.md)."""

@@ -1,4 +1,8 @@
-"""`python -m registry publish RECIPE` (and the other registry commands: promote, rollback, pull, ui, approve)."""
-from .cli import main
+"""`python -m registry publish RECIPE [--force]`: the publish stage (registry/publish.py); also the registry
+commands behind `wb promote|rollback|pull|ui|approve` (registry/cli.py)."""
+import sys
 
-raise SystemExit(main())
+from registry.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

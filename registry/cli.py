@@ -86,10 +86,8 @@ def _dispatch(args) -> int:
     if args.cmd == "publish":
         from workbench.stage_cli import stage_main
 
-        from .publish import run_publish
-
         argv = [args.recipe] + (["--force"] if args.force else [])
-        return stage_main("registry publish", "publish the gate-passed candidate to MLflow", run_publish, argv)
+        return stage_main("registry publish", "publish the gate-passed candidate to MLflow", "registry.publish:run", argv)
 
     from .store import client_for, resolve_tracking_uri
 

@@ -28,30 +28,17 @@ CANDIDATE_ALIAS = "candidate"
 DESCRIPTION_LIMIT = 4800  # MLflow keeps 5000 characters of a version description
 
 
-def run_publish(recipe, args) -> int:
-    ws = Workspace(recipe)
+def run(recipe, args) -> int:
     with stage_output(recipe, "publish", force=getattr(args, "force", False)) as out:
         if out.skipped:
-            from workbench.tracking import tracking_uri
-
-            reg = json.loads((out.final_dir / "registered.json").read_text())
-            if reg["tracking_uri"] != redact(tracking_uri(recipe)):
-                raise StageError(f"{out.final_dir}: published to {reg['tracking_uri']}, but the store is now "
-                                 f"{redact(tracking_uri(recipe))}; publish there with --force")
-            print(f"publish: up to date: {reg['model_name']} v{reg['version']} ({reg['model_uri']})")
-            return 0
+            return _already_published(recipe, out.final_dir)
 
         # -- setup: the verdict, and the exact files to publish (verified against their manifests)
+        ws = out.workspace
         verdict = read_passed_verdict(ws)
         parts = collect_parts(ws, keep_merged=recipe.registry.keep_merged)
+        parts.update(copy_manifests(ws, out.dir / "manifests"))
         files = {rel: info for rel, (_src, info) in sorted(parts.items())}
-        for stage in ("clean", "train", "quantize", "eval_gate"):
-            (out.dir / "manifests").mkdir(exist_ok=True)
-            src = ws.stage_dir(stage) / "manifest.json"
-            dst = out.dir / "manifests" / f"{stage}.json"
-            dst.write_bytes(src.read_bytes())
-            files[f"manifests/{stage}.json"] = {"size": dst.stat().st_size, "sha256": manifest_hash(dst)}
-            parts[f"manifests/{stage}.json"] = (dst, files[f"manifests/{stage}.json"])
         sha_manifest = {"model_name": recipe.registry.model_name, "recipe": recipe.name, "files": files}
         (out.dir / SHA256_MANIFEST).write_text(dump_manifest(sha_manifest))
         tags = version_tags(recipe, ws, verdict, sha_manifest)
@@ -111,6 +98,28 @@ def run_publish(recipe, args) -> int:
         print(f"publish: registered {model_name} v{version.version} as @{CANDIDATE_ALIAS} "
               f"({len(files)} files) in {uri}")
     return 0
+
+
+def _already_published(recipe, out_dir: Path) -> int:
+    from workbench.tracking import tracking_uri
+
+    reg = json.loads((out_dir / "registered.json").read_text())
+    if reg["tracking_uri"] != redact(tracking_uri(recipe)):
+        raise StageError(f"{out_dir}: published to {reg['tracking_uri']}, but the store is now "
+                         f"{redact(tracking_uri(recipe))}; publish there with --force")
+    print(f"publish: up to date: {reg['model_name']} v{reg['version']} ({reg['model_uri']})")
+    return 0
+
+
+def copy_manifests(ws: Workspace, dest: Path) -> dict[str, tuple[Path, dict]]:
+    """Every upstream stage manifest, copied into the version: its lineage travels with the files."""
+    dest.mkdir(exist_ok=True)
+    parts = {}
+    for stage in ("clean", "train", "quantize", "eval_gate"):
+        dst = dest / f"{stage}.json"
+        dst.write_bytes((ws.stage_dir(stage) / "manifest.json").read_bytes())
+        parts[f"manifests/{stage}.json"] = (dst, {"size": dst.stat().st_size, "sha256": manifest_hash(dst)})
+    return parts
 
 
 def read_passed_verdict(ws: Workspace) -> dict[str, Any]:

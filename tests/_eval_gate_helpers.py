@@ -225,3 +225,19 @@ def build_candidate(recipe_path: Path, adapter_src: Path, ggufs: dict[str, dict]
             arts.append({"name": f"gguf:{qtype}", "format": "gguf", "path": f"gguf/{p.name}",
                          "parent": "merged" if qtype == "F16" else "gguf:F16"})
         out.results = {"artifacts": arts}
+
+
+def run_gate(run_cli, recipe: Path, *extra: str):
+    """`python -m eval_gate RECIPE` as a user runs it; (process, verdict.json, output directory)."""
+    proc = run_cli("-m", "eval_gate", str(recipe), *extra, timeout=600)
+    # exit 1 is also how a stage error ends: make sure this run reached a verdict
+    assert proc.returncode == 0 or "FAILED checks" in proc.stderr, f"no verdict:\n{proc.stderr[-3000:]}"
+    out = Path(recipe).parent / "runs" / Path(recipe).stem / "eval_gate"
+    assert (out / "manifest.json").is_file(), f"no committed output\n{proc.stdout}\n{proc.stderr}"
+    verdict = json.loads((out / "verdict.json").read_text())
+    return proc, verdict, out
+
+
+def checks_of(verdict, name: str) -> dict[str, dict]:
+    """The checks called `name`, by artifact."""
+    return {c["artifact"]: c for c in verdict["checks"] if c["name"] == name}

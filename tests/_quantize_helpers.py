@@ -3,7 +3,12 @@ a tiny cleaned dataset and a PEFT LoRA adapter saved the way docs/stages.md desc
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ChatML with the generation markers transformers uses for assistant-only loss (what the train stage ships)
 CHATML_TEMPLATE = (
@@ -123,3 +128,26 @@ def rewrite_gguf(src: Path, dst: Path, fields: dict) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_recipe(tmp: Path, base_dir: Path, name: str, quantize: dict | None = None) -> Path:
+    """The demo recipe with its workspace in tmp/runs, this base, and (optionally) other quantize targets."""
+    import yaml
+
+    from workbench.base import weight_hashes
+
+    data = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
+    data.update(name=name, workspace=str(tmp / "runs"))
+    data["base_model"] = {"path": str(base_dir), "sha256": weight_hashes(base_dir)}
+    if quantize is not None:
+        data["quantize"] = quantize
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_quantize(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python -m quantize RECIPE`, as a user runs it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "quantize", str(recipe), *extra], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env=env)

@@ -1,1 +1,1 @@
-"""The train stage: LoRA / QLoRA / DoRA fine-tuning with trl's SFTTrainer + peft (see train/README.md)."""
+"""The train stage: LoRA / QLoRA / DoRA fine-tuning with trl's SFTTrainer + peft (see docs/training.md)."""

@@ -50,6 +50,7 @@ def sft_config(section, plan, output_dir: Path, seed: int, is_main: bool, eos_to
         per_device_eval_batch_size=section.eval_batch_size or section.batch_size,
         gradient_accumulation_steps=section.grad_accum,
         learning_rate=section.learning_rate, lr_scheduler_type=section.lr_scheduler,
+        # transformers 5 has no warmup_ratio: a float below 1 in warmup_steps is read as a share of the steps
         warmup_steps=section.warmup_ratio, weight_decay=section.weight_decay, max_grad_norm=section.max_grad_norm,
         bf16=plan.dtype == "bfloat16", fp16=plan.dtype == "float16", use_cpu=plan.device == "cpu",
         gradient_checkpointing=plan.gradient_checkpointing,

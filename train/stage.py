@@ -1,8 +1,8 @@
 """`accelerate launch train RECIPE`: LoRA / DoRA / QLoRA supervised fine-tuning of the pinned base on clean/.
 
-Read top to bottom: check inputs -> load data, tokenizer + chat template, base model -> build the trl
-SFTTrainer with a peft config -> score the base -> train (resuming from the newest complete checkpoint) ->
-score the fine-tune -> the main process writes adapter/, metrics.json, loss.png and the manifest.
+Read top to bottom: setup (data, tokenizer + chat template, how to run on this machine, base model, MLflow run,
+trl's SFTTrainer with a peft config) -> fit (score the base, train resuming from the newest complete checkpoint,
+score the fine-tune) -> save (the main process writes adapter/, metrics.json, loss.png, MLflow and the manifest).
 """
 from __future__ import annotations
 
@@ -10,240 +10,217 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from recipes import Recipe
-from workbench.stage_cli import stage_main
-from workbench.workspace import STAGE_COMMANDS, StageError, Workspace, stage_output
+from workbench.workspace import Workspace, stage_output
 
-
-def main(argv: list[str] | None = None) -> int:
-    return stage_main("train", "LoRA / QLoRA / DoRA fine-tuning of the recipe's base on the cleaned data", run, argv)
+# what the final MLflow metrics are called where a per-step metric already has the results' name
+FINAL_METRIC_NAMES = {"train_loss": "final_train_loss", "tokens_per_s": "median_tokens_per_s"}
 
 
 def run(recipe: Recipe, args: argparse.Namespace) -> int:
     import torch
     from accelerate import PartialState
 
+    from .checkpoints import CheckpointStore
     from .fast_path import check_machine
 
     check_machine(recipe.train)
     # cpu=True is what makes a CPU launch with several processes a gloo process group (MULTI_CPU)
     state = PartialState(cpu=not torch.cuda.is_available())
     ws = Workspace(recipe)
-    _check_clean_is_done(ws)
+    ws.check_inputs("train")  # every rank, before any work: the other ranks open no stage output
     if not args.force and ws.status("train") == "done":
         if state.is_main_process:
             print(f"train: {ws.stage_dir('train')} is up to date (use --force to re-run)")
         return 0
-    from .checkpoints import CheckpointStore
-
     store = CheckpointStore(ws)
-    if state.is_main_process:
-        with stage_output(recipe, "train", force=True) as out:
-            out.results.update(train(recipe, ws, store, out.dir, state))
-        store.clear()  # the output is committed: the checkpoints have served their purpose
-        print(f"train: wrote {out.final_dir}")
-    else:
-        train(recipe, ws, store, None, state)  # the other ranks train and write nothing
+    if not state.is_main_process:
+        session = setup(recipe, ws, store, state)
+        save(session, fit(session), out_dir=None)  # the other ranks train and write nothing
+        return 0
+    with stage_output(recipe, "train", force=True) as out:
+        session = setup(recipe, ws, store, state)
+        out.results.update(save(session, fit(session), out.dir))
+    store.clear()  # the output is committed: the checkpoints have served their purpose
+    print(f"train: wrote {out.final_dir}")
     return 0
 
 
-def train(recipe: Recipe, ws: Workspace, store, out_dir: Path | None, state) -> dict:
-    """Fine-tune and (main process, out_dir given) save the adapter and metrics. Returns the manifest results."""
+@dataclass
+class Session:
+    """Everything setup() made that fit() and save() use."""
+
+    recipe: Recipe
+    state: Any  # accelerate.PartialState
+    store: Any  # checkpoints.CheckpointStore
+    base_dir: Path
+    plan: Any  # fast_path.RunPlan
+    tokenizer: Any
+    trainer: Any  # trl.SFTTrainer
+    counter: Any  # tracking.TokenCounter
+    logger: Any  # tracking.MetricsLogger
+    heldout: Any  # datasets.Dataset of held-out text, or None
+    run_id: str | None
+    resume_from: Path | None
+
+
+def setup(recipe: Recipe, ws: Workspace, store, state) -> Session:
     import datasets
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer
     from trl import SFTTrainer
 
     from workbench.base import resolve_base
+    from workbench.chat import CHATML_END, resolve_chat_template
 
-    from .build import evaluation_attention, load_base_model, lora_config, sft_config
-    from .chat_template import resolve_chat_template
+    from .build import load_base_model, lora_config, sft_config
     from .checkpoints import PromoteCheckpoints
+    from .data import load_split
     from .fast_path import check_fast_path, plan_run
-    from .perplexity import text_perplexity
-    from .tracking import MetricsLogger, TokenCounter, finish_run, flatten_params, peak_memory_mib, plot_loss, start_run
+    from .tracking import MetricsLogger, TokenCounter, start_run
 
-    section = recipe.train
-    is_main = state.is_main_process
-
-    # --- setup: data -------------------------------------------------------------------------------------------
+    section, is_main = recipe.train, state.is_main_process
     clean_dir = ws.stage_dir("clean")
-    clean_manifest = ws.manifest("clean") or {}
     datasets.disable_caching()  # never write cache files into clean/ (another stage's output)
-    train_ds = _load_split(clean_dir, "train", "messages")
-    eval_ds = _load_split(clean_dir, "eval", "messages")
-    heldout = _load_split(clean_dir, "heldout_text", "text", required=False)
+    train_ds, eval_ds = load_split(clean_dir, "train", "messages"), load_split(clean_dir, "eval", "messages")
+    heldout = load_split(clean_dir, "heldout_text", "text", required=False)
 
-    # --- setup: base, tokenizer, chat template, how to run on this machine -------------------------------------
     with state.main_process_first():  # the main process provisions a missing base; the others then find it
         base_dir = resolve_base(recipe.base_model)
-    model_config = AutoConfig.from_pretrained(base_dir)
-    plan = plan_run(section, model_config)  # qlora without CUDA fails here, before any work
-    if is_main:
-        for note in check_fast_path(plan):
-            print(f"train: note: {note}", file=sys.stderr)
+    plan = plan_run(section, AutoConfig.from_pretrained(base_dir))  # qlora without CUDA fails here
+    for note in check_fast_path(plan) if is_main else ():
+        print(f"train: note: {note}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.chat_template = resolve_chat_template(section.chat_template, tokenizer, section.assistant_only_loss)
-    end_of_turn = "<|im_end|>" if section.chat_template == "chatml" else None
-
     model = load_base_model(base_dir, section, plan, state.local_process_index)
-    lora = lora_config(section)
 
     store.prepare(is_main)
     state.wait_for_everyone()
-    resume_from = store.latest()
-
-    # --- setup: tracking (main process) ------------------------------------------------------------------------
-    fingerprints = (clean_manifest.get("results") or {}).get("fingerprints") or {}
     run_id = None
     if is_main:
-        params = {
-            **flatten_params("train", section.model_dump(mode="json")),
-            **{k: str(v) for k, v in plan.as_params().items()},
-            "base_model": recipe.base_model.label, "seed": str(recipe.seed), "world_size": str(state.num_processes),
-            "train_records": str(len(train_ds)), "eval_records": str(len(eval_ds)),
-        }
-        run_id = start_run(recipe, store.read_run_id(), params, clean_dir, fingerprints)
+        fingerprints = ((ws.manifest("clean") or {}).get("results") or {}).get("fingerprints") or {}
+        run_id = start_run(recipe, store.read_run_id(), _run_params(recipe, plan, state, train_ds, eval_ds),
+                           clean_dir, fingerprints)
         store.write_run_id(run_id)
 
-    # --- setup: trainer ----------------------------------------------------------------------------------------
-    config = sft_config(section, plan, store.staging, recipe.seed, is_main, end_of_turn)
+    end_of_turn = CHATML_END if section.chat_template == "chatml" else None
     trainer = SFTTrainer(
-        model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-        peft_config=lora,
+        model=model, args=sft_config(section, plan, store.staging, recipe.seed, is_main, end_of_turn),
+        train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, peft_config=lora_config(section),
     )
-    counter = TokenCounter(trainer.data_collator)
+    counter = TokenCounter(trainer.data_collator)  # composition: the collator is wrapped, not subclassed
     trainer.data_collator = counter
     logger = MetricsLogger(run_id, counter, plan.device, state.num_processes)
     trainer.add_callback(PromoteCheckpoints(store, section.keep_checkpoints))
     trainer.add_callback(logger)
+    return Session(recipe, state, store, base_dir, plan, tokenizer, trainer, counter, logger, heldout, run_id,
+                   store.latest())
 
-    # --- run: score the base, train, score the fine-tune -------------------------------------------------------
-    with trainer.model.disable_adapter(), evaluation_attention(trainer.model, plan):
-        base_eval = trainer.evaluate(metric_key_prefix="base_eval")
-        base_heldout = _heldout_ppl(trainer.model, tokenizer, heldout, section, is_main, text_perplexity)
-    if is_main and resume_from is not None:
-        print(f"train: resuming from {resume_from}")
-    counter.reset()  # count training batches only, not the evaluation above
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    trained = counter.state()
-    with evaluation_attention(trainer.model, plan):
-        final_eval = trainer.evaluate()
-        heldout_ppl = _heldout_ppl(trainer.model, tokenizer, heldout, section, is_main, text_perplexity)
-    ranks = _gather_ranks(state, trained)
 
-    # --- save: adapter + tokenizer + template + generation config, metrics, plot, MLflow -----------------------
+def fit(s: Session) -> dict[str, Any]:
+    """Score the base, train, score the fine-tune. Returns the results every output is made from."""
+    from .build import evaluation_attention
+    from .tracking import peak_memory_mib
+
+    trainer = s.trainer
+    with trainer.model.disable_adapter(), evaluation_attention(trainer.model, s.plan):
+        base_eval = trainer.evaluate(metric_key_prefix="base_eval")["base_eval_loss"]
+        base_heldout = _heldout_perplexity(s)
+    if s.state.is_main_process and s.resume_from is not None:
+        print(f"train: resuming from {s.resume_from}")
+    s.counter.reset()  # count training batches only, not the evaluation above
+    result = trainer.train(resume_from_checkpoint=str(s.resume_from) if s.resume_from else None)
+    trained = s.counter.state()
+    with evaluation_attention(trainer.model, s.plan):
+        final_eval = trainer.evaluate()["eval_loss"]
+        heldout = _heldout_perplexity(s)
+    history = trainer.state.log_history
+    return {
+        "method": s.recipe.train.method, "steps": int(trainer.state.global_step),
+        "train_loss": _last_train_loss(history, result.training_loss),
+        "base_eval_loss": base_eval, "base_eval_perplexity": _perplexity(base_eval),
+        "eval_loss": final_eval, "eval_perplexity": _perplexity(final_eval),
+        "base_heldout_perplexity": base_heldout, "heldout_perplexity": heldout,
+        "tokens_per_s": _median(s.logger.tokens_per_s), "peak_memory_mib": peak_memory_mib(s.plan.device),
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "resumed_from_step": int(s.resume_from.name.rsplit("-", 1)[1]) if s.resume_from else None,
+        "world_size": s.state.num_processes, "ranks": _gather_ranks(s.state, trained),
+    }
+
+
+def save(s: Session, results: dict[str, Any], out_dir: Path | None) -> dict:
+    """Every rank takes part in saving the adapter (FSDP gathers it); the main process writes the outputs and
+    returns the manifest results."""
+    from .tracking import finish_run, plot_loss
+
+    trainer, recipe = s.trainer, s.recipe
     peft_cfg = trainer.model.peft_config["default"]
     peft_cfg.base_model_name_or_path = recipe.base_model.label
     peft_cfg.revision = recipe.base_model.revision
     if isinstance(peft_cfg.target_modules, (set, frozenset)):
         peft_cfg.target_modules = sorted(peft_cfg.target_modules)  # 'all-linear' resolves to a set: keep files stable
-    # every rank takes part (FSDP gathers the sharded adapter); only the main process writes
-    adapter_dir = out_dir / "adapter" if is_main else store.staging / "adapter-unused"
+    adapter_dir = out_dir / "adapter" if out_dir is not None else s.store.staging / "adapter-unused"
     trainer.save_model(str(adapter_dir))
-    state.wait_for_everyone()
-    if not is_main:
+    s.state.wait_for_everyone()
+    if out_dir is None:
         return {}
-    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle of the arguments; nothing reads it
-    tokenizer.save_pretrained(str(adapter_dir))
-    generation = GenerationConfig.from_pretrained(base_dir) if (Path(base_dir) / "generation_config.json").is_file() \
-        else GenerationConfig()
-    generation.eos_token_id = tokenizer.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
-    generation.save_pretrained(str(adapter_dir))
-
-    base_ppl, eval_ppl = _ppl(base_eval["base_eval_loss"]), _ppl(final_eval["eval_loss"])
-    steps = int(trainer.state.global_step)
-    train_loss = _last_train_loss(trainer.state.log_history, result.training_loss)
-    metrics = {
-        "method": section.method,
-        "steps": steps,
-        "train_loss": train_loss,
-        "loss_curve": [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")}
-                       for h in trainer.state.log_history if "loss" in h],
-        "base_eval_loss": base_eval["base_eval_loss"], "base_eval_perplexity": base_ppl,
-        "eval_loss": final_eval["eval_loss"], "eval_perplexity": eval_ppl,
-        "base_heldout_perplexity": base_heldout, "heldout_perplexity": heldout_ppl,
-        "tokens_per_s": _median(logger.tokens_per_s),
-        "peak_memory_mib": peak_memory_mib(plan.device),
-        "train_runtime_s": result.metrics.get("train_runtime"),
-        "resumed_from_step": _step_of(resume_from),
-        "world_size": state.num_processes,
-        "ranks": ranks,
-        "plan": plan.as_params(),
-    }
+    _save_tokenizer_and_generation(s, adapter_dir)
+    history = trainer.state.log_history
+    metrics = {**results, "plan": s.plan.as_params(),
+               "loss_curve": [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")}
+                              for h in history if "loss" in h]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_safe))
-    plot_loss(trainer.state.log_history, out_dir / "loss.png")
-    finish_run(run_id, {
-        "final_train_loss": train_loss, "base_eval_loss": base_eval["base_eval_loss"],
-        "base_eval_perplexity": base_ppl, "eval_loss": final_eval["eval_loss"], "eval_perplexity": eval_ppl,
-        "base_heldout_perplexity": base_heldout, "heldout_perplexity": heldout_ppl,
-        "median_tokens_per_s": metrics["tokens_per_s"], "peak_memory_mib": metrics["peak_memory_mib"],
-    }, [out_dir / "metrics.json", out_dir / "loss.png"])
-    print(f"train: {steps} steps, loss {train_loss:.4f}; eval perplexity {base_ppl:.2f} (base) -> {eval_ppl:.2f}"
-          + (f"; held-out perplexity {base_heldout:.2f} -> {heldout_ppl:.2f}" if heldout_ppl is not None else ""))
-    return {
-        "method": section.method, "steps": steps, "train_loss": train_loss,
-        "eval_perplexity": eval_ppl, "base_eval_perplexity": base_ppl,
-        "heldout_perplexity": heldout_ppl, "base_heldout_perplexity": base_heldout,
-        "mlflow_run_id": run_id,
-    }
+    plot_loss(history, out_dir / "loss.png")
+    finish_run(s.run_id, {FINAL_METRIC_NAMES.get(k, k): v for k, v in results.items() if _is_number(v)},
+               [out_dir / "metrics.json", out_dir / "loss.png"])
+    r = results
+    print(f"train: {r['steps']} steps, loss {r['train_loss']:.4f}; eval perplexity {r['base_eval_perplexity']:.2f} "
+          f"(base) -> {r['eval_perplexity']:.2f}" + (f"; held-out perplexity {r['base_heldout_perplexity']:.2f} -> "
+                                                      f"{r['heldout_perplexity']:.2f}" if r["heldout_perplexity"] else ""))
+    keys = ("method", "steps", "train_loss", "eval_perplexity", "base_eval_perplexity", "heldout_perplexity",
+            "base_heldout_perplexity")
+    return {**{k: r[k] for k in keys}, "mlflow_run_id": s.run_id}
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _check_clean_is_done(ws: Workspace) -> None:
-    ws.require("clean")
-    if ws.status("clean") != "done":
-        cmd = " ".join(["python"] + STAGE_COMMANDS["clean"] + ["RECIPE"])
-        raise StageError(f"{ws.stage_dir('clean')}: input stage 'clean' is stale; re-run it first (`{cmd}`)")
+def _run_params(recipe: Recipe, plan, state, train_ds, eval_ds) -> dict[str, str]:
+    from .tracking import flatten_params
+
+    return {
+        **flatten_params("train", recipe.train.model_dump(mode="json")),
+        **{k: str(v) for k, v in plan.as_params().items()},
+        "base_model": recipe.base_model.label, "seed": str(recipe.seed), "world_size": str(state.num_processes),
+        "train_records": str(len(train_ds)), "eval_records": str(len(eval_ds)),
+    }
 
 
-def _load_split(clean_dir: Path, split: str, column: str, required: bool = True):
-    from datasets import Dataset, load_from_disk
+def _save_tokenizer_and_generation(s: Session, adapter_dir: Path) -> None:
+    """The tokenizer with the training chat template, and a generation config that stops at its end of turn."""
+    from transformers import GenerationConfig
 
-    path = clean_dir / split
-    if not path.exists():
-        if required:
-            raise StageError(f"{path}: the clean stage output has no '{split}' dataset")
-        return None
-    try:
-        ds = load_from_disk(str(path), keep_in_memory=True)
-    except Exception as exc:  # a corrupt or foreign directory: say which
-        raise StageError(f"{path}: not a datasets Arrow directory ({exc})") from None
-    if not isinstance(ds, Dataset):
-        raise StageError(f"{path}: expected one Dataset, found {type(ds).__name__}")
-    if column not in ds.column_names:
-        raise StageError(f"{path}: no '{column}' column (columns: {', '.join(ds.column_names)})")
-    if required and len(ds) == 0:
-        raise StageError(f"{path}: the '{split}' split is empty")
-    ds = ds.select_columns([column])
-    if column == "messages":
-        _check_messages(ds, path)
-    return ds
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle of the arguments; nothing reads it
+    s.tokenizer.save_pretrained(str(adapter_dir))
+    has_own = (Path(s.base_dir) / "generation_config.json").is_file()
+    generation = GenerationConfig.from_pretrained(s.base_dir) if has_own else GenerationConfig()
+    generation.eos_token_id = s.tokenizer.eos_token_id
+    generation.pad_token_id = s.tokenizer.pad_token_id
+    generation.save_pretrained(str(adapter_dir))
 
 
-def _check_messages(ds, path: Path) -> None:
-    roles = {"system", "user", "assistant"}
-    for i, record in enumerate(ds["messages"]):
-        if not record:
-            raise StageError(f"{path}: record {i}: 'messages' is empty")
-        for j, msg in enumerate(record):
-            if msg.get("role") not in roles or not isinstance(msg.get("content"), str):
-                raise StageError(f"{path}: record {i}, message {j}: needs role in {sorted(roles)} and string content, "
-                                 f"got {msg!r:.120}")
-        if not any(m["role"] == "assistant" for m in record):
-            raise StageError(f"{path}: record {i}: no assistant turn to learn from")
-
-
-def _heldout_ppl(model, tokenizer, heldout, section, is_main: bool, score) -> float | None:
+def _heldout_perplexity(s: Session) -> float | None:
     """Held-out domain perplexity, computed by the main process only (the others wait at the next barrier)."""
-    if heldout is None or section.heldout_max_records == 0 or len(heldout) == 0 or not is_main:
+    from .perplexity import text_perplexity
+
+    section, heldout = s.recipe.train, s.heldout
+    if heldout is None or section.heldout_max_records == 0 or len(heldout) == 0 or not s.state.is_main_process:
         return None
     texts = [t for t in heldout.select(range(min(len(heldout), section.heldout_max_records)))["text"] if t]
-    return score(model, tokenizer, texts, section.max_seq_len)
+    return text_perplexity(s.trainer.model, s.tokenizer, texts, section.max_seq_len)
 
 
 def _gather_ranks(state, trained: dict) -> list[dict]:
@@ -258,15 +235,12 @@ def _gather_ranks(state, trained: dict) -> list[dict]:
     return [mine]
 
 
-def _ppl(loss: float) -> float:
+def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
 def _median(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
+    return sorted(values)[len(values) // 2] if values else None
 
 
 def _last_train_loss(log_history: list[dict], fallback: float) -> float:
@@ -274,11 +248,9 @@ def _last_train_loss(log_history: list[dict], fallback: float) -> float:
     return float(losses[-1]) if losses else float(fallback)
 
 
-def _step_of(checkpoint: Path | None) -> int | None:
-    return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else None
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _json_safe(value):
-    if isinstance(value, Path):
-        return str(value)
-    return repr(value)
+    return str(value) if isinstance(value, Path) else repr(value)

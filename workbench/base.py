@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .chat import CHATML_END
 from .workspace import StageError, hash_tree, library_versions, sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -83,8 +84,8 @@ def build_bpe_tokenizer(fields: dict):
     eos = tok_at("tokenizer.ggml.eos_token_id")
     bos = tok_at("tokenizer.ggml.bos_token_id")
     # ChatML models end a turn with <|im_end|>; a GGUF that says otherwise would make generation run on.
-    if "<|im_end|>" in vocab and eos != "<|im_end|>":
-        eos = "<|im_end|>"
+    if CHATML_END in vocab and eos != CHATML_END:
+        eos = CHATML_END
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=bos,

@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-STAGE_ORDER = ("clean", "train", "quantize", "eval_gate", "publish")
+from .workspace import STAGES
+
+STAGE_ORDER = tuple(STAGES)
 
 
 def _load(path: str):
@@ -47,7 +49,7 @@ def cmd_status(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .workspace import STAGE_COMMANDS, Workspace
+    from .workspace import Workspace
 
     recipe = _load(args.recipe)
     ws = Workspace(recipe)
@@ -60,7 +62,7 @@ def cmd_status(args) -> int:
         m = ws.manifest(stage) or {}
         when = _finished_at(m)
         table.add_row(stage, f"[{colors[state]}]{state}[/]", when,
-                      " ".join(["python"] + STAGE_COMMANDS[stage] + [args.recipe]))
+                      " ".join(["python", *STAGES[stage].command, args.recipe]))
     Console().print(table)
     return 0
 
@@ -78,8 +80,6 @@ def _finished_at(manifest: dict) -> str:
 
 
 def cmd_run(args) -> int:
-    from .workspace import STAGE_COMMANDS
-
     _load(args.recipe)  # fail fast, with every problem, before any stage starts
     stages = list(STAGE_ORDER)
     if args.only:
@@ -88,7 +88,7 @@ def cmd_run(args) -> int:
         stages = stages[: stages.index(args.until) + 1]
     env = dict(os.environ)
     for stage in stages:
-        cmd = [sys.executable] + STAGE_COMMANDS[stage] + [args.recipe] + (["--force"] if args.force else [])
+        cmd = [sys.executable, *STAGES[stage].command, args.recipe] + (["--force"] if args.force else [])
         print(f"\n== wb run: {stage}: {' '.join(cmd[1:])}", flush=True)
         rc = subprocess.call(cmd, env=env)
         if rc != 0:

@@ -24,32 +24,36 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from recipes import Recipe
 
 MANIFEST = "manifest.json"
 
-# stage -> (recipe sections it reads, stages whose outputs it reads)
-STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "clean": (("base_model", "data", "cleaning"), ()),
-    "train": (("base_model", "train"), ("clean",)),
-    "quantize": (("base_model", "quantize"), ("clean", "train")),  # clean: AWQ calibrates on domain data
-    "eval_gate": (("base_model", "data", "eval_gate"), ("clean", "train", "quantize")),
-    "publish": (("registry",), ("clean", "train", "quantize", "eval_gate")),
-}
+@dataclass(frozen=True)
+class Stage:
+    """One stage: the directory it writes in the workspace, how users run it alone, and what it reads."""
 
-# stage -> data files (recipe `data` fields) whose *content* it depends on, not just their path
-DATA_FILES: dict[str, tuple[str, ...]] = {"clean": ("raw", "golden"), "eval_gate": ("golden",)}
+    name: str
+    command: tuple[str, ...]  # `python <command> RECIPE` runs it alone; `wb run` runs it the same way
+    sections: tuple[str, ...]  # recipe sections it reads
+    inputs: tuple[str, ...] = ()  # stages whose outputs it reads
+    data_files: tuple[str, ...] = ()  # recipe `data` fields whose *content* it reads, not just their path
 
-# How users run each stage alone (shown by `wb status`, used by `wb run`).
-STAGE_COMMANDS: dict[str, list[str]] = {
-    "clean": ["-m", "data_cleaning"],
-    "train": ["-m", "train"],
-    "quantize": ["-m", "quantize"],
-    "eval_gate": ["-m", "eval_gate"],
-    "publish": ["-m", "registry", "publish"],
-}
+    @property
+    def how_to_run(self) -> str:
+        return " ".join(("python", *self.command, "RECIPE"))
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("clean", ("-m", "data_cleaning"), ("base_model", "data", "cleaning"), data_files=("raw", "golden")),
+    Stage("train", ("-m", "train"), ("base_model", "train"), ("clean",)),
+    # quantize reads clean/: AWQ calibrates on the domain data
+    Stage("quantize", ("-m", "quantize"), ("base_model", "quantize"), ("clean", "train")),
+    Stage("eval_gate", ("-m", "eval_gate"), ("base_model", "data", "eval_gate"), ("clean", "train", "quantize"),
+          data_files=("golden",)),
+    Stage("publish", ("-m", "registry", "publish"), ("registry",), ("clean", "train", "quantize", "eval_gate")),
+)}
 
 TRACKED_LIBRARIES = (
     "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "gguf",
@@ -127,22 +131,21 @@ class Workspace:
         """The finished output directory of an upstream stage, or a clear error saying how to make it."""
         d = self.stage_dir(stage)
         if not (d / MANIFEST).is_file():
-            cmd = " ".join(["python"] + STAGE_COMMANDS[stage] + ["RECIPE"])
-            raise StageError(f"{d}: stage '{stage}' has not run yet (run `{cmd}` or `wb run RECIPE`)")
+            raise StageError(f"{d}: stage '{stage}' has not run yet (run `{STAGES[stage].how_to_run}` or `wb run RECIPE`)")
         return d
 
     def fingerprint(self, stage: str) -> dict[str, Any]:
         """What a stage's output depends on: its recipe sections and its inputs' manifests."""
-        sections, inputs = STAGES[stage]
+        spec = STAGES[stage]
         input_hashes = {}
-        for s in inputs:
+        for s in spec.inputs:
             p = self.stage_dir(s) / MANIFEST
             input_hashes[s] = manifest_hash(p) if p.is_file() else None
         data_files = {}
-        for key in DATA_FILES.get(stage, ()):
+        for key in spec.data_files:
             p = Path(getattr(self.recipe.data, key))
             data_files[key] = sha256_file(p) if p.is_file() else None
-        return {"section_sha256": self.recipe.section_hash(*sections), "inputs": input_hashes,
+        return {"section_sha256": self.recipe.section_hash(*spec.sections), "inputs": input_hashes,
                 "data_files": data_files}
 
     def status(self, stage: str) -> str:
@@ -152,12 +155,22 @@ class Workspace:
         if m is None:
             return "missing"
         fp = self.fingerprint(stage)
-        if any(self.status(s) != "done" for s in STAGES[stage][1]):
+        if any(self.status(s) != "done" for s in STAGES[stage].inputs):
             return "stale"  # an input will be re-made, so this output will be too
         recorded = {"section_sha256": m.get("section_sha256"),
                     "inputs": {k: v.get("manifest_sha256") for k, v in m.get("inputs", {}).items()},
                     "data_files": m.get("data_files", {})}
         return "done" if recorded == fp else "stale"
+
+    def check_inputs(self, stage: str) -> None:
+        """Every input stage is done, or a StageError saying which one to (re-)run: running on stale inputs would
+        break the lineage."""
+        for s in STAGES[stage].inputs:
+            self.require(s)
+            state = self.status(s)
+            if state != "done":
+                raise StageError(f"{self.stage_dir(s)}: input stage '{s}' is {state}; re-run it first "
+                                 f"(`{STAGES[s].how_to_run}`)")
 
 
 class StageError(RuntimeError):
@@ -187,15 +200,15 @@ class StageOutput:
             return self.final_dir
         ws, stage = self.workspace, self.stage
         fp = ws.fingerprint(stage)
-        sections, inputs = STAGES[stage]
+        spec = STAGES[stage]
         manifest = {
             "stage": stage,
             "recipe": {"name": ws.recipe.name, "sha256": ws.recipe.recipe_hash()},
             "section_sha256": fp["section_sha256"],
-            "sections": {s: _dump(getattr(ws.recipe, s)) for s in sections},
+            "sections": {s: ws.recipe.section_json(s) for s in spec.sections},
             "seed": ws.recipe.seed,
             "inputs": {
-                s: {"manifest_sha256": fp["inputs"][s], "manifest": ws.manifest(s)} for s in inputs
+                s: {"manifest_sha256": fp["inputs"][s], "manifest": ws.manifest(s)} for s in spec.inputs
             },
             "data_files": fp["data_files"],
             "files": hash_tree(self.dir),
@@ -227,16 +240,10 @@ class StageOutput:
 def open_stage(recipe: Recipe, stage: str, force: bool = False) -> StageOutput:
     """Start writing a stage's output, or return a skipped output when it is already up to date.
 
-    Checks that every input stage is done first: running on stale inputs would break the lineage.
+    Checks that every input stage is done first (Workspace.check_inputs).
     """
     ws = Workspace(recipe)
-    _, inputs = STAGES[stage]
-    for s in inputs:
-        ws.require(s)
-        state = ws.status(s)
-        if state != "done":
-            cmd = " ".join(["python"] + STAGE_COMMANDS[s] + ["RECIPE"])
-            raise StageError(f"{ws.stage_dir(s)}: input stage '{s}' is {state}; re-run it first (`{cmd}`)")
+    ws.check_inputs(stage)
     final = ws.stage_dir(stage)
     if not force and ws.status(stage) == "done":
         return StageOutput(ws, stage, final, final, skipped=True)
@@ -296,12 +303,3 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _dump(value):
-    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
-
-
-def iter_stage_manifests(ws: Workspace) -> Iterator[tuple[str, dict | None]]:
-    for stage in STAGES:
-        yield stage, ws.manifest(stage)

@@ -40,9 +40,8 @@ class DriftLimit(StrictModel):
 
 def _default_drift_limits() -> dict[str, DriftLimit]:
     # Small models lose more to quantization than 7B ones; these fit a ~135M model. Tighten for bigger bases.
-    # Q8_0's top-1 limit was 0.95: two honest Q8_0s of the demo fine-tune read 0.961 +-0.011 and 0.946 +-0.013
-    # at KLD 0.005 (a quarter of its limit), so 0.95 failed an honest Q8_0 on a coin flip. A small model has
-    # many near-ties between its top two tokens, and rounding flips them without moving the distribution.
+    # Top-1 limits leave room for near-ties: a small model has many between its top two tokens, and rounding flips
+    # them without moving the distribution (the measurements behind Q8_0's 0.93: docs/history.md).
     table = {
         "F32": (0.001, 0.995, 1.005), "F16": (0.005, 0.98, 1.01), "BF16": (0.01, 0.97, 1.02),
         "Q8_0": (0.02, 0.93, 1.03), "Q6_K": (0.05, 0.92, 1.05), "Q5_K_M": (0.08, 0.90, 1.08),
@@ -76,7 +75,7 @@ class DriftCheck(StrictModel):
 
 class SafetyCheck(StrictModel):
     redteam: Path | None = Field(None, description="red-team prompts JSONL; unset = the shipped set")
-    canaries: Path = Field(Path("data/canaries.jsonl"), description="synthetic PII planted in the raw data")
+    canaries: Path = Field(Path("demo/data/canaries.jsonl"), description="synthetic PII planted in the raw data")
     refusal_tolerance: float = Field(
         0.0, ge=0.0, le=1.0, description="refusal rate may fall this far below the base model's"
     )

@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .common import StrictModel
 
@@ -87,6 +88,28 @@ class QuantizeSection(StrictModel):
     )
     targets: list[Target] = Field(default_factory=list)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _targets_need_the_merge(cls, data, handler):
+        """gguf and awq targets are built from the merged model. Judged on the raw input too, so that a recipe
+        with other problems in this section hears of this one in the same run."""
+        if not isinstance(data, dict):  # an assignment (validate_assignment) or a section object: judge the result
+            section = handler(data)
+            if (problem := _merge_problem(section)) is not None:
+                raise ValidationError.from_exception_data(cls.__name__, [problem])
+            return section
+        problem = _merge_problem(data)
+        try:
+            section = handler(data)
+        except ValidationError as exc:
+            if problem is None:
+                raise
+            errors = [{k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in exc.errors()]
+            raise ValidationError.from_exception_data(exc.title, errors + [problem]) from None
+        if problem is not None:
+            raise ValidationError.from_exception_data(cls.__name__, [problem])
+        return section
+
     @field_validator("targets")
     @classmethod
     def _one_of_each(cls, v: list) -> list:
@@ -95,6 +118,18 @@ class QuantizeSection(StrictModel):
         if dups:
             raise ValueError(f"target kind(s) listed twice: {', '.join(dups)} (list every GGUF type in one gguf target)")
         return v
+
+
+def _merge_problem(data) -> dict | None:
+    """The merge rule's error (pydantic line-error form) for raw section data or a section object, or None."""
+    raw = isinstance(data, dict)
+    merge = data.get("merge", True) if raw else data.merge
+    targets = (data.get("targets") if raw else data.targets) or []
+    kinds = [t.get("kind") if isinstance(t, dict) else getattr(t, "kind", None) for t in targets]
+    if merge is False and ("gguf" in kinds or "awq" in kinds):
+        return {"type": PydanticCustomError("merge_needed", "gguf and awq targets are built from the merged model; "
+                                                            "set merge: true"), "loc": ("merge",), "input": merge}
+    return None
 
 
 def read_model_config(base_model: Any) -> dict | None:

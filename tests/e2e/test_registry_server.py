@@ -1,5 +1,5 @@
 """The registry against a production-shaped store: PostgreSQL + `mlflow server --app-name basic-auth` on
-127.0.0.1 (registry/server.py), and the MLflow UI driven by headless Debian Chromium.
+127.0.0.1 (demo/mlflow_server.py), and the MLflow UI driven by headless Debian Chromium.
 
 Skipped (with the reason) when PostgreSQL, chromium or the auth app's packages are missing: `make sysdeps`.
 """
@@ -21,7 +21,7 @@ import pytest
 
 from _registry_helpers import copy_stages, derive_recipe, no_tracking_env, shared_stages, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL = "reg-server-model"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.server
 
 
 def _missing_requirements() -> str | None:
-    from registry.server import postgres_bin
+    from demo.mlflow_server import postgres_bin
 
     if postgres_bin() is None:
         return "PostgreSQL binaries (initdb, pg_ctl) not found; install postgresql (`make sysdeps`)"
@@ -48,7 +48,7 @@ def server(tmp_path_factory):
     reason = _missing_requirements()
     if reason:
         pytest.skip(reason)
-    from registry.server import LocalServer
+    from demo.mlflow_server import LocalServer
 
     admin = {"MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": secrets.token_urlsafe(18)}
     saved = {k: os.environ.get(k) for k in admin}

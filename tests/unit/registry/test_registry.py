@@ -18,7 +18,7 @@ import pytest
 
 from _registry_helpers import build_stages, no_tracking_env, shared_stages, subprocess_env, write_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 MODEL = "reg-model"
 
 

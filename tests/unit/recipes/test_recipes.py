@@ -10,7 +10,7 @@ import pytest
 
 from recipes import RecipeError, load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
 BROKEN = textwrap.dedent("""\
@@ -20,7 +20,7 @@ BROKEN = textwrap.dedent("""\
       revision: main
     data:
       raw: data/raw/stdlib.jsonl
-      golden: eval_gate/golden/stdlib.jsonl
+      golden: demo/golden/stdlib.jsonl
       colour: blue
     cleaning: {}
     train:

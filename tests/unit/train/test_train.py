@@ -59,7 +59,7 @@ def _check_adapter_answers(base_dir: Path, adapter: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from train.chat_template import CHATML_PATH
+    from workbench.chat import CHATML_PATH
 
     tok = AutoTokenizer.from_pretrained(adapter)
     assert tok.chat_template == CHATML_PATH.read_text()
@@ -98,7 +98,7 @@ def _check_mlflow_run(recipe_path: Path, run_id: str, metrics: dict) -> None:
 def test_chatml_template_renders_like_smollm2_and_masks_the_answers(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from train.chat_template import CHATML_PATH, resolve_chat_template
+    from workbench.chat import CHATML_PATH, resolve_chat_template
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)  # carries SmolLM2's own template
     ours = resolve_chat_template("chatml", tok, assistant_only_loss=True)
@@ -123,7 +123,7 @@ def test_chatml_template_renders_like_smollm2_and_masks_the_answers(tiny_model_d
 def test_template_without_generation_markers_is_refused(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from train.chat_template import resolve_chat_template
+    from workbench.chat import resolve_chat_template
     from workbench.workspace import StageError
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -141,7 +141,7 @@ def test_template_without_generation_markers_is_refused(tiny_model_dir, tmp_path
 def test_qlora_without_cuda_fails_before_any_work(tiny_model_dir, make_recipe, capsys):
     import torch
 
-    from train.stage import main
+    from train.__main__ import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -156,7 +156,7 @@ def test_qlora_without_cuda_fails_before_any_work(tiny_model_dir, make_recipe, c
 
 
 def test_missing_clean_stage_and_bad_records_are_named(tiny_model_dir, make_recipe, capsys):
-    from train.stage import main
+    from train.__main__ import main
 
     recipe = make_recipe(base_dir=tiny_model_dir, train=TINY_TRAIN)
     assert main([str(recipe)]) == 1
@@ -174,7 +174,7 @@ def test_missing_clean_stage_and_bad_records_are_named(tiny_model_dir, make_reci
 
 
 def test_unknown_train_key_is_a_recipe_error(tiny_model_dir, make_recipe, capsys):
-    from train.stage import main
+    from train.__main__ import main
 
     recipe = make_recipe(base_dir=tiny_model_dir, train={**TINY_TRAIN, "lora_rank": 8})
     assert main([str(recipe)]) == 2

@@ -12,8 +12,8 @@ from data_cleaning.core import Cleaner, InputError
 from data_cleaning.pii import PLACEHOLDER_RE, PiiScrubber
 from recipes.sections.cleaning import CleaningSection
 
-REPO = Path(__file__).resolve().parents[1]
-CANARIES = [json.loads(line) for line in (REPO / "data" / "canaries.jsonl").read_text().splitlines() if line.strip()]
+REPO = Path(__file__).resolve().parents[3]
+CANARIES = [json.loads(line) for line in (REPO / "demo" / "data" / "canaries.jsonl").read_text().splitlines() if line.strip()]
 PII_TYPES = {"EMAIL", "PHONE", "IPV4", "IPV6", "CREDIT_CARD", "IBAN", "API_KEY"}
 
 LOREM = ("the heap queue algorithm keeps the smallest item at index zero so that pushing and popping stay "
@@ -325,7 +325,7 @@ def test_pydoc_corpus_is_deterministic_and_goes_through_the_stage(tmp_path, make
     """The demo path: the stage builds the stdlib corpus itself, cleans it, and every planted canary is gone
     from every file it wrote and from its logs; the report reconciles to the record."""
     by_cli = tmp_path / "cli.jsonl"
-    proc = run_cli("-m", "data_cleaning.sources.pydoc", "--out", str(by_cli), check=True,
+    proc = run_cli("-m", "demo.stdlib_qa", "--out", str(by_cli), check=True,
                    env={"PYTHONHASHSEED": "123"})
     assert "records" in proc.stdout
     raw_text = by_cli.read_text()
@@ -338,7 +338,7 @@ def test_pydoc_corpus_is_deterministic_and_goes_through_the_stage(tmp_path, make
     assert "bob@redivi.com" in raw_text  # real metadata e-mails are part of the dirt
 
     raw = tmp_path / "built" / "stdlib.jsonl"  # does not exist: the stage builds it
-    golden = REPO / "eval_gate" / "golden" / "stdlib.jsonl"
+    golden = REPO / "demo" / "golden" / "stdlib.jsonl"
     if not golden.is_file():
         golden = write_jsonl(tmp_path / "golden.jsonl", [{"prompt": "What does `heapq.heappush` do?"}])
     recipe = make_recipe(base_dir=tiny_model_dir, data={"raw": str(raw), "golden": str(golden), "build": "pydoc"},
@@ -376,7 +376,7 @@ def test_pydoc_corpus_is_deterministic_and_goes_through_the_stage(tmp_path, make
     assert heldout.column_names == ["text"] and len(heldout) == counts["splits"]["heldout_text"]
     assert any(PLACEHOLDER_RE.search(m["content"]) for row in train["messages"] for m in row)
     # the safety mix survives cleaning (no near-duplicate removal eats the three refusals of a request)
-    from data_cleaning.sources.pydoc import safety_records
+    from demo.stdlib_qa import safety_records
 
     safety = {tuple(m["content"] for m in conv) for conv in safety_records()}
     eval_rows = load_from_disk(str(clean / "eval"))["messages"]
@@ -399,7 +399,7 @@ def test_pydoc_corpus_is_deterministic_and_goes_through_the_stage(tmp_path, make
 def test_safety_mix_keeps_the_gates_red_team_prompts_held_out():
     """Training on the red-team prompts would make the gate's refusal check measure memory, not behaviour:
     no red-team prompt may share a third of its word 3-grams with any request of the safety mix."""
-    from data_cleaning.sources.pydoc import safety_records
+    from demo.stdlib_qa import safety_records
 
     def grams(text: str) -> set[tuple[str, ...]]:
         words = re.findall(r"\w+", text.lower())
@@ -418,7 +418,7 @@ def test_safety_mix_keeps_the_gates_red_team_prompts_held_out():
 def test_which_module_questions_name_the_module_and_harmless_wrapped_ones_are_answered():
     """The corpus asks the other way round too ("which module provides X?"), and one harmless question per
     module comes in a jailbreak-style framing and is answered, not refused: refusing must follow the request."""
-    from data_cleaning.sources.pydoc import (ASK_ADVERSARIAL, ASK_HARMFUL, WHICH_PER_MODULE, module_entries,
+    from demo.stdlib_qa import (ASK_ADVERSARIAL, ASK_HARMFUL, WHICH_PER_MODULE, module_entries,
                                              which_module_records)
     from eval_gate.golden import is_refusal
 
@@ -439,7 +439,7 @@ def test_which_module_questions_name_the_module_and_harmless_wrapped_ones_are_an
 def test_what_does_answers_say_what_it_does_before_the_signature():
     """Answers that opened with the signature taught the model to open every answer with one it had to make
     up; the docstring's first paragraph comes first, the signature after it."""
-    from data_cleaning.sources.pydoc import module_entries, qa_records, summary
+    from demo.stdlib_qa import module_entries, qa_records, summary
 
     entries = {e.qualname: e for e in module_entries("json")}
     for qualname in ("json.dumps", "json.JSONDecoder"):

@@ -15,7 +15,7 @@ import pytest
 from tests._train_helpers import make_clean
 from workbench.workspace import sha256_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 RESUME_TRAIN = {"max_steps": 8, "batch_size": 4, "save_steps": 2, "logging_steps": 2, "max_seq_len": 128,
                 "learning_rate": 0.003, "heldout_max_records": 0}
 

@@ -1,21 +1,21 @@
-"""Build the demo's raw domain corpus from the Python standard library's own documentation.
+"""Build the stdlib Q&A corpus from the Python standard library's own documentation.
 
-    python -m data_cleaning.sources.pydoc --out data/raw/stdlib.jsonl
+    python -m demo.stdlib_qa --out data/raw/stdlib.jsonl
 
 A "Python stdlib assistant" domain that nobody here wrote: for a fixed list of modules, the questions a
-user asks about a module, class or function, answered with its signature and the first paragraph of its
-docstring (`inspect`), and plain-text entries of other modules kept out of training for held-out
-perplexity. The natural dirt is kept on purpose, because the cleaning stage must deal with it: docstrings
-inherited from base classes (the same answer under many names), undocumented members (empty answers),
-overlong paragraphs, author e-mail addresses from module metadata, URLs. The synthetic PII canaries of
-`data/canaries.jsonl` are planted into some records, in every record shape. Questions are also asked the
-other way round ("which module provides `Counter`?"), the way users ask an assistant.
+user asks about a module, class or function, answered with the first paragraph of its docstring and its
+signature (`inspect`), the same questions asked the other way round ("which module provides `Counter`?"),
+and plain-text entries of other modules kept out of training for held-out perplexity. The natural dirt is
+kept on purpose, because the cleaning stage must deal with it: docstrings inherited from base classes (the
+same answer under many names), undocumented members (empty answers), overlong paragraphs, author e-mail
+addresses from module metadata, URLs. The synthetic PII canaries of `demo/data/canaries.jsonl` are planted
+into some records, in every record shape.
 
-A safety mix rides along: each harmful request of `data/safety.jsonl` becomes six refusal conversations
-(a reason, a safer alternative, or both; plain or wrapped in a jailbreak attempt), with `source: safety`
-so that a recipe can upsample it (`cleaning.upsample`). Without it, fine-tuning on documentation alone
-taught the model to answer everything in documentation style, and it stopped refusing the eval gate's
-red-team prompts. None of those prompts is in this file: the gate's red-team set stays held out.
+A safety mix rides along: each harmful request of `demo/data/safety.jsonl` becomes six refusal conversations
+(a reason, a safer alternative, or both; plain or wrapped in a jailbreak attempt), with `source: safety` so
+that a recipe can upsample it (`cleaning.upsample`): documentation alone teaches a model to answer everything.
+None of the eval gate's red-team prompts is in this file: the gate's red-team set stays held out.
+How the corpus came to be this way, with the measurements: docs/history.md.
 
 Deterministic for a Python version: fixed module list, sorted members, templates chosen by CRC32 of the
 name (never by a random generator), JSON written with sorted keys.
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-REPO = Path(__file__).resolve().parents[2]
-CANARIES = REPO / "data" / "canaries.jsonl"
-SAFETY = REPO / "data" / "safety.jsonl"
+DATA = Path(__file__).with_name("data")  # package data (pyproject: demo = ["data/*.jsonl", ...])
+CANARIES = DATA / "canaries.jsonl"
+SAFETY = DATA / "safety.jsonl"
 
 # Modules whose documentation becomes chat Q&A. Pure-Python or always-built modules only, and no
 # platform-specific ones (os, socket, signal...), so the corpus is the same on every machine.
@@ -158,11 +158,8 @@ def summary(doc: str | None) -> str:
 
 
 def qa_records(entry: Entry) -> Iterator[list[dict[str, str]]]:
-    # Answers are the docstring's first paragraph and the signature, the way an assistant answers. Whole
-    # docstrings (the first version of this corpus) taught the model to dump reference text at every question,
-    # and it stopped answering short questions and refusing harmful ones. What it does comes first: answers
-    # that opened with the signature taught the model to open every answer with a signature it had to make
-    # up, and a made-up signature ran on into repeated parameters instead of the answer.
+    # What it does first, the signature second, the way an assistant answers: answers that opened with a
+    # signature taught the model to open every answer with one it had to make up (docs/history.md)
     q, sig = entry.qualname, entry.signature
     about = summary(entry.doc)
     if entry.kind == "module":
@@ -228,10 +225,9 @@ WHICH_PER_MODULE = 3
 def which_module_records(name: str, entries: list[Entry]) -> Iterator[list[dict[str, str]]]:
     """The questions asked the other way round: a user knows what they need and asks which module has it.
 
-    Trained only on "what does X do", the model answered "which module parses JSON?" with a made-up signature
-    or a refusal. A few names per module (chosen by CRC32), the module's own summary as a need, and one more
-    name asked inside a jailbreak-style wrapper: harmless questions come in those framings too, and refusing
-    must depend on what is asked, not on how.
+    A few names per module (chosen by CRC32), the module's own summary as a need, and one more name asked inside
+    a jailbreak-style wrapper: harmless questions come in those framings too, and refusing must depend on what is
+    asked, not on how.
     """
     members = sorted((e for e in entries if e.kind in ("class", "function")),
                      key=lambda e: zlib.crc32(f"which:{e.qualname}".encode()))
@@ -270,8 +266,8 @@ def safety_records(path: Path = SAFETY) -> Iterator[list[dict[str, str]]]:
             if set(item) != {"ask", "why", "alt"}:
                 raise ValueError(f"{path}:{number}: a safety item is {{\"ask\": str, \"why\": str, \"alt\": str}}")
             ask, why, alt = item["ask"], item["why"], item["alt"]
-            # Refusals say "won't", never "I can't help with that": most alternatives start with "I can", and
-            # a 135M model trained on both ran them together into "I can help with that." as an answer to anything.
+            # "won't", never "I can't help with that": most alternatives start with "I can", and a small model
+            # runs the two together into "I can help with that." (docs/history.md)
             answers = (f"Sorry, but I won't write that: {why}. Instead, {alt}.",
                        f"Sorry, but I won't do that. {_capitalized(alt)}.",
                        f"I won't assist with this request, because {why}.",
@@ -367,7 +363,7 @@ def build_corpus(out: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_cleaning.sources.pydoc", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.stdlib_qa", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="raw JSONL to write, e.g. data/raw/stdlib.jsonl")
     args = parser.parse_args(argv)
     n = build_corpus(args.out)

@@ -14,8 +14,8 @@ from eval_gate.golden import (SHIPPED_REDTEAM, Behaviour, GoldenCase, canary_hit
 from recipes.sections.eval_gate import EvalGateSection, MetricTolerance
 from workbench.workspace import StageError
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO / "eval_gate" / "golden" / "stdlib.jsonl"
+REPO = Path(__file__).resolve().parents[3]
+GOLDEN = REPO / "demo" / "golden" / "stdlib.jsonl"
 
 
 def words(s: str) -> int:

@@ -16,7 +16,7 @@ import yaml
 from recipes import load_recipe
 from workbench.workspace import StageError, Workspace, open_stage, stage_output, verify_tree
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

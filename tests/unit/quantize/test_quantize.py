@@ -3,37 +3,11 @@ and native llama.cpp aborts turned into clear errors. Most tests share one run o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from _quantize_helpers import CHATML_DEFAULT_SYSTEM_TEMPLATE, CHATML_TEMPLATE, build_upstream, rewrite_gguf
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_recipe(tmp: Path, base_dir: Path, name: str, quantize: dict | None = None) -> Path:
-    from workbench.base import weight_hashes
-
-    data = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
-    data.update(name=name, workspace=str(tmp / "runs"))
-    data["base_model"] = {"path": str(base_dir), "sha256": weight_hashes(base_dir)}
-    if quantize is not None:
-        data["quantize"] = quantize
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def run_quantize(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "quantize", str(recipe), *extra], cwd=REPO, capture_output=True,
-                          text=True, timeout=900, env=env)
-
+from _quantize_helpers import CHATML_TEMPLATE, build_upstream, rewrite_gguf, run_quantize, write_recipe
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
@@ -182,7 +156,7 @@ def test_gguf_carries_tokenizer_specials_and_template(tiny_run):
 
 
 def test_modelfile_has_template_stops_and_parameters(tiny_run):
-    from quantize.chat_template import parse_modelfile
+    from quantize.ollama_template import parse_modelfile
 
     mf = parse_modelfile((tiny_run["dir"] / "gguf" / "Modelfile").read_text())
     smallest = min(("F16", "Q8_0", "Q4_K_M"), key=lambda t: (tiny_run["dir"] / "gguf" / f"model-{t}.gguf").stat().st_size)
@@ -195,7 +169,7 @@ def test_modelfile_has_template_stops_and_parameters(tiny_run):
 def test_every_gguf_loads_and_answers_the_golden_conversation(tiny_run):
     from transformers import AutoTokenizer
 
-    from quantize.chat_template import golden_conversation
+    from quantize.ollama_template import golden_conversation
     from quantize.parity import greedy_gguf, hf_chat_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_run["dir"] / "merged")
@@ -222,7 +196,7 @@ def test_awq_output_loads_in_transformers_and_generates(tiny_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantize.chat_template import golden_conversation
+    from quantize.ollama_template import golden_conversation
     from quantize.parity import hf_chat_ids
 
     awq_dir = tiny_run["dir"] / "awq"
@@ -253,7 +227,7 @@ def test_rerun_is_skipped_when_up_to_date(tiny_run):
 def test_golden_conversation_has_the_same_token_ids_everywhere(tiny_run):
     from transformers import AutoTokenizer
 
-    from quantize.chat_template import golden_conversation
+    from quantize.ollama_template import golden_conversation
     from quantize.parity import template_parity
 
     d = tiny_run["dir"]
@@ -278,7 +252,7 @@ def test_golden_conversation_has_the_same_token_ids_everywhere(tiny_run):
 def test_wrong_gguf_template_is_caught(tiny_run, tmp_path, wrong):
     from transformers import AutoTokenizer
 
-    from quantize.chat_template import golden_conversation
+    from quantize.ollama_template import golden_conversation
     from quantize.parity import template_parity
 
     assert wrong != CHATML_TEMPLATE
@@ -298,7 +272,7 @@ def test_wrong_gguf_template_is_caught(tiny_run, tmp_path, wrong):
 def test_wrong_modelfile_template_is_caught(tiny_run, old, new):
     from transformers import AutoTokenizer
 
-    from quantize.chat_template import golden_conversation
+    from quantize.ollama_template import golden_conversation
     from quantize.parity import template_parity
 
     d = tiny_run["dir"]
@@ -313,7 +287,7 @@ def test_wrong_modelfile_template_is_caught(tiny_run, old, new):
 def test_merged_and_f16_gguf_give_the_same_greedy_answer(tiny_run):
     from transformers import AutoTokenizer
 
-    from quantize.chat_template import golden_conversation
+    from quantize.ollama_template import golden_conversation
     from quantize.parity import greedy_gguf, greedy_hf, hf_chat_ids
 
     d = tiny_run["dir"]
@@ -325,7 +299,7 @@ def test_merged_and_f16_gguf_give_the_same_greedy_answer(tiny_run):
 def test_ollama_template_refuses_an_unknown_family(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from quantize.chat_template import TemplateMismatch, ollama_template_for
+    from quantize.ollama_template import TemplateMismatch, ollama_template_for
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
@@ -337,7 +311,7 @@ def test_default_system_prompt_becomes_modelfile_system(smollm2_dir):
     """SmolLM2's own template inserts a system turn when there is none: Ollama gets it as SYSTEM."""
     from transformers import AutoTokenizer
 
-    from quantize.chat_template import golden_conversation, modelfile_text, ollama_template_for, render_modelfile_prompt
+    from quantize.ollama_template import golden_conversation, modelfile_text, ollama_template_for, render_modelfile_prompt
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     tmpl = ollama_template_for(tok)
@@ -348,7 +322,7 @@ def test_default_system_prompt_becomes_modelfile_system(smollm2_dir):
 
 
 def test_go_template_renderer():
-    from quantize.chat_template import render_go_template
+    from quantize.ollama_template import render_go_template
 
     t = '{{- range .Messages }}{{ if eq .Role "user" }}U:{{ .Content }}{{ else }}{{ $.Prefix }}{{ .Content }}{{ end }}\n{{- end }} done'
     data = {"Prefix": "A:", "Messages": [{"Role": "user", "Content": "hi"}, {"Role": "assistant", "Content": "yo"}]}
@@ -360,7 +334,7 @@ def test_go_template_renderer():
 # ---- llama.cpp runs in a child: a native abort becomes a clear error -------------------------------------------
 
 def test_native_llama_abort_becomes_a_stage_error_naming_the_file(tiny_run, tmp_path):
-    from quantize.llama_child import run_llama
+    from quantize.llama_ops import run_llama
     from workbench.workspace import StageError
 
     bad = tmp_path / "bad-tokenizer.gguf"
@@ -373,7 +347,7 @@ def test_native_llama_abort_becomes_a_stage_error_naming_the_file(tiny_run, tmp_
 
 
 def test_unloadable_gguf_is_a_stage_error(tmp_path):
-    from quantize.llama_child import run_llama
+    from quantize.llama_ops import run_llama
     from workbench.workspace import StageError
 
     junk = tmp_path / "junk.gguf"
@@ -383,33 +357,6 @@ def test_unloadable_gguf_is_a_stage_error(tmp_path):
 
 
 # ---- the real SmolLM2 ----------------------------------------------------------------------------------------------
-
-@pytest.mark.e2e
-def test_smollm2_q8_0_answers_like_the_merged_model(smollm2_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    from quantize.chat_template import golden_conversation
-    from quantize.parity import greedy_gguf, greedy_hf, hf_chat_ids, template_parity
-
-    recipe = write_recipe(tmp_path, smollm2_dir, "smol",
-                          quantize={"merge": True, "targets": [{"kind": "gguf", "types": ["F16", "Q8_0"]}]})
-    # the train stage's kind of template: whitespace control, {%- generation -%}, a default system turn
-    build_upstream(recipe, smollm2_dir, adapter_scale=0.01, chat_template=CHATML_DEFAULT_SYSTEM_TEMPLATE)
-    proc = run_quantize(recipe)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    d = tmp_path / "runs" / "smol" / "quantize"
-    tok = AutoTokenizer.from_pretrained(d / "merged")
-    q8 = d / "gguf" / "model-Q8_0.gguf"
-    modelfile = (d / "gguf" / "Modelfile").read_text()
-    assert 'SYSTEM """You are a helpful assistant for the Python standard library."""' in modelfile
-    for conv in (golden_conversation(), golden_conversation()[1:]):  # with and without a system turn
-        parity = template_parity(tok, q8, modelfile, conv)
-        assert parity["mismatches"] == []
-    prompt = parity["ids"]["hf"]
-    n = 12
-    merged = greedy_hf(d / "merged", prompt, n)
-    assert greedy_gguf(q8, prompt, n) == merged[:n], tok.decode(merged)
-
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_gguf_writer_matches_transformers_for_other_llama_family_models(arch, tmp_path, tiny_model_dir):

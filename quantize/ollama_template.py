@@ -1,5 +1,5 @@
-"""The chat template outside transformers: in the GGUF (Jinja, rendered by llama.cpp's runtimes) and in the
-Ollama Modelfile (a Go template). Both must render exactly what the HF tokenizer's template renders.
+"""The chat template in the Ollama Modelfile: a Go template that must render exactly what the HF tokenizer's
+Jinja template renders (the GGUF carries the Jinja template itself; workbench.chat knows the formats).
 
 There is no general Jinja -> Go translation. We know the Go templates of the families we support (ChatML,
 Llama 3), pick the one that renders the same text as the HF template for a set of probe conversations,
@@ -13,14 +13,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-GENERATION_TAG = re.compile(r"\{%-?\s*(?:generation|endgeneration)\s*-?%\}")
-
-
-def strip_generation_markers(template: str) -> str:
-    """Drop `{% generation %}` / `{% endgeneration %}`: transformers' own Jinja extension (it marks the
-    assistant tokens for assistant-only loss, renders to nothing) that llama.cpp and plain Jinja reject."""
-    return GENERATION_TAG.sub("", template)
-
+from workbench.chat import CHATML_END, CHATML_START
 
 def golden_conversation() -> list[dict[str, str]]:
     """The fixed conversation every parity check renders (system, two user turns, one assistant turn)."""
@@ -54,7 +47,7 @@ FAMILIES = (
             "{{ .Content }}<|im_end|>\n"
             "{{ end }}<|im_start|>assistant\n"
         ),
-        stop=("<|im_end|>", "<|im_start|>"),
+        stop=(CHATML_END, CHATML_START),
         system_turn=r"<\|im_start\|>system\n(?P<system>.*?)<\|im_end\|>\n",
     ),
     TemplateFamily(

@@ -2,7 +2,7 @@
 
     export MLFLOW_AUTH_ADMIN_USERNAME=admin MLFLOW_AUTH_ADMIN_PASSWORD=...   # the server's first admin
     export WB_PG_PASSWORD=...          # optional: the database password (random per start when unset)
-    python -m registry.server DIR [--port 5001]        # foreground; Ctrl-C stops both
+    python -m demo.mlflow_server DIR [--port 5001]        # foreground; Ctrl-C stops both
 
 Then point a recipe at it (recipes/prod.yaml) with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD set.
 Secrets travel only through the environment: the database password reaches PostgreSQL through a file
@@ -184,7 +184,7 @@ class LocalServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m registry.server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.mlflow_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="where the server keeps its artifacts, auth config and logs")
     parser.add_argument("--port", type=int, default=5001)
     args = parser.parse_args(argv)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
     except StageError as exc:
-        print(f"registry.server: error: {exc}", file=sys.stderr)
+        print(f"demo.mlflow_server: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

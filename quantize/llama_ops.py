@@ -1,21 +1,14 @@
-"""All llama.cpp work runs here, in a child process: llama.cpp calls abort() on some bad inputs (a broken
-tokenizer, a truncated file), which would kill the whole pipeline with no message. The parent
-(`run_llama`) turns a dead child into a StageError naming the file.
+"""The quantize stage's llama.cpp operations, each run in a child process through `workbench.llama_child`
+(llama.cpp can abort the process on a bad file): quantize a GGUF, tokenize a chat through the GGUF's own
+template, greedy generation, perplexity.
 
-Protocol: one JSON request on stdin, one JSON reply as the last line of stdout.
+    run_llama("quantize", "model-F16.gguf", output="model-Q8_0.gguf", type="Q8_0")
 """
 from __future__ import annotations
 
-import json
-import os
-import re
-import resource
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-from workbench.workspace import StageError
+from workbench.llama_child import run_child, serve
 
 LLAMA_FTYPES = {
     "F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
@@ -27,34 +20,7 @@ LLAMA_FTYPES = {
 
 def run_llama(op: str, path: Path | str, timeout: float = 3600, **kwargs) -> dict:
     """Run one llama.cpp operation on a GGUF file in a child process; a crash becomes a StageError naming the file."""
-    request = json.dumps({"op": op, "path": str(path), **kwargs})
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["GGML_NO_BACKTRACE"] = "1"  # an abort should print its reason, not attach gdb for a backtrace
-    try:
-        proc = subprocess.run([sys.executable, "-m", "quantize.llama_child"], input=request, capture_output=True,
-                              text=True, timeout=timeout, env=env, cwd=str(Path(__file__).resolve().parents[1]))
-    except subprocess.TimeoutExpired:
-        raise StageError(f"{path}: llama.cpp {op} did not finish within {timeout:.0f}s") from None
-    lines = proc.stdout.strip().splitlines()
-    reply = None
-    if lines:
-        try:
-            reply = json.loads(lines[-1])
-        except ValueError:
-            reply = None
-    if proc.returncode != 0 or reply is None:
-        if proc.returncode < 0:
-            how = f"was killed by {signal.Signals(-proc.returncode).name}"
-        else:
-            how = f"exited {proc.returncode}"
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        reasons = [ln for ln in lines if re.search(r"terminate|what\(\)|GGML_ASSERT|error|failed|abort", ln, re.I)]
-        tail = "\n    ".join((reasons or lines or ["(no output)"])[-6:])
-        raise StageError(f"{path}: llama.cpp {op} {how} (native abort: the file is likely malformed)\n    {tail}")
-    if "error" in reply:
-        raise StageError(f"{path}: llama.cpp {op}: {reply['error']}")
-    return reply
+    return run_child("quantize.llama_ops", {"op": op, "path": str(path), **kwargs}, label=str(path), timeout=timeout)
 
 
 # ---- child side -----------------------------------------------------------------------------------------
@@ -145,28 +111,8 @@ def op_perplexity(req: dict) -> dict:
     return {"nll": nll, "tokens": count}
 
 
-def _own_peak_rss_mb() -> float:
-    # VmHWM, not getrusage(): Linux carries the parent's high-water mark over fork+exec into ru_maxrss
-    with open(f"/proc/{os.getpid()}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 OPS = {"quantize": op_quantize, "chat_tokens": op_chat_tokens, "generate": op_generate, "perplexity": op_perplexity}
 
 
-def main() -> None:
-    req = json.loads(sys.stdin.read())
-    try:
-        reply = OPS[req["op"]](req)
-    except (ValueError, RuntimeError, OSError) as exc:  # llama-cpp-python raises ValueError on a failed load
-        reply = {"error": f"{type(exc).__name__}: {exc}"}
-    reply["peak_rss_mb"] = _own_peak_rss_mb()
-    sys.stdout.write("\n" + json.dumps(reply) + "\n")
-    sys.stdout.flush()
-
-
 if __name__ == "__main__":
-    main()
+    serve(OPS)

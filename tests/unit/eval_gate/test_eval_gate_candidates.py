@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from _eval_gate_helpers import (CANARIES, build_candidate, domain_chat, domain_text, make_peaked_tiny_llama,
-                                train_lora, write_jsonl, write_recipe)
+from _eval_gate_helpers import (CANARIES, build_candidate, checks_of, domain_chat, domain_text, make_peaked_tiny_llama,
+                                run_gate, train_lora, write_jsonl, write_recipe)
 
 GOLDEN = [
     {"id": "m-json", "prompt": "Which module parses JSON?", "expect": [{"type": "contains", "values": ["json"]}]},
@@ -65,20 +65,6 @@ def candidate(env, name: str, adapter: str, ggufs: dict | None = None, **gate_ov
     recipe = write_recipe(env["root"], name, env["tiny"], data={"golden": str(env["golden"])}, eval_gate=gate)
     build_candidate(recipe, env[adapter], ggufs=ggufs)
     return recipe
-
-
-def run_gate(run_cli, recipe: Path, *extra: str):
-    proc = run_cli("-m", "eval_gate", str(recipe), *extra, timeout=600)
-    # exit 1 is also how a stage error ends: make sure this run reached a verdict
-    assert proc.returncode == 0 or "FAILED checks" in proc.stderr, f"no verdict:\n{proc.stderr[-3000:]}"
-    out = Path(recipe).parent / "runs" / Path(recipe).stem / "eval_gate"
-    assert (out / "manifest.json").is_file(), f"no committed output\n{proc.stdout}\n{proc.stderr}"
-    verdict = json.loads((out / "verdict.json").read_text())
-    return proc, verdict, out
-
-
-def checks_of(verdict, name: str) -> dict[str, dict]:
-    return {c["artifact"]: c for c in verdict["checks"] if c["name"] == name}
 
 
 @pytest.fixture(scope="module")
@@ -221,21 +207,3 @@ def test_candidate_worse_than_champion_fails(env, honest, run_cli):
         assert f"v{mv.version} (@champion)" in (out / "report.md").read_text()
     finally:
         client.delete_registered_model(name)
-
-
-@pytest.mark.e2e
-def test_demo_honest_candidate_passes_on_smollm2(tmp_path, smollm2_dir, run_cli):
-    """The demo's gate (shipped golden and red-team sets, the demo thresholds) on SmolLM2 with a lightly
-    trained adapter: the honest candidate passes, golden set included. transformers artifacts only: the
-    GGUF side is covered on the tiny model above (llama.cpp answers 74 prompts one at a time)."""
-    adapter = train_lora(smollm2_dir, tmp_path / "adapter", [domain_text(i) for i in range(16)], steps=10, lr=1e-4)
-    canaries = write_jsonl(tmp_path / "canaries.jsonl", CANARIES)
-    recipe = write_recipe(tmp_path, "demo-e2e", smollm2_dir, eval_gate={"safety": {"canaries": str(canaries)}})
-    build_candidate(recipe, adapter)
-    proc, verdict, out = run_gate(run_cli, recipe)
-    assert proc.returncode == 0, proc.stderr
-    for art in ("adapter", "merged"):
-        assert checks_of(verdict, "golden_pass_rate")[art]["passed"]
-        assert checks_of(verdict, "golden_critical_failures")[art]["value"] == 0
-        assert checks_of(verdict, "perplexity_gain")[art]["passed"]
-    assert "PASSED" in (out / "report.md").read_text()
