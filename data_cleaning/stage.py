@@ -18,6 +18,7 @@ from recipes import Recipe
 from workbench.workspace import StageError, Workspace, sha256_file, stage_output
 
 SALT_FILE = "pii_salt"
+CORPUS_BUILDERS = {"pydoc": "demo.stdlib_qa", "tools": "demo.stdlib_tools"}  # data.build -> module with build_corpus
 
 
 def run(recipe: Recipe, args: argparse.Namespace) -> int:
@@ -68,13 +69,15 @@ def raw_data(recipe: Recipe) -> tuple[Path, str | None]:
 
     raw_path, built_by = Path(recipe.data.raw), None
     if not raw_path.exists():
-        if recipe.data.build != "pydoc":
-            raise StageError(f"data.raw {raw_path}: no such file (set data.build: pydoc to build the stdlib corpus)")
-        from demo.stdlib_qa import build_corpus
+        if recipe.data.build is None:
+            raise StageError(f"data.raw {raw_path}: no such file (or set data.build to one of the shipped corpus "
+                             f"builders: {', '.join(CORPUS_BUILDERS)})")
+        import importlib
 
-        print(f"clean: building the stdlib corpus into {raw_path}")
-        print(f"clean: built {build_corpus(raw_path)} raw records")
-        built_by = "pydoc"
+        module = CORPUS_BUILDERS[recipe.data.build]
+        print(f"clean: building the {recipe.data.build} corpus ({module}) into {raw_path}")
+        print(f"clean: built {importlib.import_module(module).build_corpus(raw_path)} raw records")
+        built_by = recipe.data.build
     try:
         check_input(raw_path)
     except InputError as exc:

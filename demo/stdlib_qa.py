@@ -305,8 +305,9 @@ def load_canaries(path: Path = CANARIES) -> list[dict[str, str]]:
     return out
 
 
-def _plant(record: dict, canary: dict[str, str]) -> None:
+def _plant(record: dict, canary: dict[str, str], user_only: bool = False) -> None:
     role, template = PLANT[canary["type"]]
+    role = "user" if user_only else role
     sentence = template.format(v=canary["value"])
     if "text" in record:
         record["text"] = f"{record['text']}\n\n{sentence}" if record["text"] else sentence
@@ -316,6 +317,19 @@ def _plant(record: dict, canary: dict[str, str]) -> None:
     else:
         turn = next(m for m in record["messages"] if m["role"] == role)
         turn["content"] = f"{turn['content']} {sentence}".strip()
+
+
+def plant_canaries(records: list[dict], canaries: list[dict[str, str]], user_only: bool = False) -> None:
+    """Plant each canary into a few records chosen by hash: some chat, some prompt/completion, some text
+    (`user_only`: into what users write only, where an answer must keep its exact form)."""
+    for k, canary in enumerate(canaries):
+        for j in range(PLANTS_PER_CANARY):
+            idx = zlib.crc32(f"plant:{k}:{j}".encode()) % len(records)
+            if j == PLANTS_PER_CANARY - 1:
+                # the last copy goes into held-out text, so every output split is exercised
+                texts = [i for i, r in enumerate(records) if "text" in r]
+                idx = texts[idx % len(texts)]
+            _plant(records[idx], canary, user_only)
 
 
 def build_records(canaries: list[dict[str, str]] | None = None) -> list[dict]:
@@ -337,15 +351,7 @@ def build_records(canaries: list[dict[str, str]] | None = None) -> list[dict]:
         for entry in module_entries(name):
             head = f"{entry.qualname}{entry.signature or ''}" if entry.kind != "module" else f"Module {entry.qualname}"
             records.append({"text": f"{head}\n\n{entry.doc}" if entry.doc else "", "source": f"pydoc:{name}"})
-    # plant each canary into a few records chosen by hash: some chat, some prompt/completion, some text
-    for k, canary in enumerate(canaries if canaries is not None else load_canaries()):
-        for j in range(PLANTS_PER_CANARY):
-            idx = zlib.crc32(f"plant:{k}:{j}".encode()) % len(records)
-            if j == PLANTS_PER_CANARY - 1:
-                # the last copy goes into held-out text, so every output split is exercised
-                texts = [i for i, r in enumerate(records) if "text" in r]
-                idx = texts[idx % len(texts)]
-            _plant(records[idx], canary)
+    plant_canaries(records, canaries if canaries is not None else load_canaries())
     return records
 
 

@@ -102,6 +102,38 @@ def drift(parent_lp, child_lp, records: list[list[int]]) -> Drift:
     return Drift(kld=kl_sum / n, top1=agree / n, ppl_ratio=ratio, tokens=n)
 
 
+@dataclass
+class PairedGain:
+    """Candidate vs base on the same cases: the gain in pass rate, its 95% interval, and an exact McNemar p-value."""
+
+    gain: float
+    low: float
+    high: float
+    better: int  # cases the candidate passes and the base does not
+    worse: int  # cases the base passes and the candidate does not
+    n: int
+    p_value: float  # one-sided: how likely this many `better` of the discordant cases would be if neither side were
+
+    def describe(self) -> str:
+        return (f"{self.gain:+.2f} (95% CI {self.low:+.2f}..{self.high:+.2f}), {self.better} better and {self.worse} "
+                f"worse of {self.n} cases, McNemar p={self.p_value:.2g}")
+
+
+def paired_gain(candidate: list[bool], base: list[bool]) -> PairedGain:
+    """Only the discordant cases carry information about which side is better (McNemar): b better, c worse.
+    The interval is the Wald interval of a paired difference of proportions."""
+    if len(candidate) != len(base) or not base:
+        raise ValueError(f"paired comparison needs the same non-empty cases ({len(candidate)} vs {len(base)})")
+    n = len(base)
+    b = sum(c and not s for c, s in zip(candidate, base))
+    c = sum(s and not c for c, s in zip(candidate, base))
+    gain = (b - c) / n
+    half = 1.96 * math.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
+    m = b + c
+    p = sum(math.comb(m, i) for i in range(b, m + 1)) / 2 ** m if m else 1.0
+    return PairedGain(gain, gain - half, gain + half, b, c, n, p)
+
+
 def compare_to_champion(checks: list[Check], champion_metrics: dict[str, float], absolute: float, relative: float,
                         per_metric: dict[str, Any], ignore: list[str]) -> list[dict[str, Any]]:
     """One row per metric both sides have: champion value, candidate value, allowed slack, regressed?

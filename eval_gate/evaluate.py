@@ -17,11 +17,15 @@ from workbench.workspace import StageError
 from .golden import GoldenSummary, is_refusal, score_golden
 from .inputs import Inputs, base_sha256
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: over-refusal answers
 
 
 def log(msg: str) -> None:
     print(f"[eval_gate] {msg}", flush=True)
+
+
+def refusal_rate(answers: list[str]) -> float:
+    return sum(map(is_refusal, answers)) / len(answers) if answers else 0.0
 
 
 @dataclass
@@ -29,12 +33,17 @@ class ArtifactEval:
     golden: GoldenSummary
     redteam_answers: list[str]
     refusal_rate: float
+    overrefusal_answers: list[str] = field(default_factory=list)
     ppl: float | None = None
     logprobs: Any = None  # float16 [N, vocab] over the first drift tokens
     ttft_ms: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
     chat_template: str | None = None
     error: str | None = None
+
+    @property
+    def overrefusal_rate(self) -> float:
+        return refusal_rate(self.overrefusal_answers)
 
 
 @dataclass
@@ -44,7 +53,12 @@ class BaseEval:
     golden: GoldenSummary
     redteam_answers: list[str]
     refusal_rate: float
+    overrefusal_answers: list[str]
     ppl: float
+
+    @property
+    def overrefusal_rate(self) -> float:
+        return refusal_rate(self.overrefusal_answers)
 
 
 @dataclass
@@ -107,12 +121,13 @@ def eval_hf(engine, inp: Inputs, recipe: Recipe, drift_tokens: int) -> ArtifactE
     t = time.time()
     answers = engine.chat([c.messages() for c in inp.golden], cfg.golden.max_new_tokens, cfg.golden.batch_size)
     red = engine.chat([r.messages() for r in inp.redteam], cfg.safety.max_new_tokens, cfg.golden.batch_size)
+    over = engine.chat([r.messages() for r in inp.overrefusal], cfg.safety.max_new_tokens, cfg.golden.batch_size)
     t_gen = time.time() - t
     nll, count, lp = engine.score(inp.records, keep_logprobs_tokens=drift_tokens)
     log(f"  generation {t_gen:.1f}s, scoring {time.time() - t - t_gen:.1f}s")
     return ArtifactEval(
         golden=score_golden(inp.golden, answers, count_tokens(inp.tokenizer)), redteam_answers=red,
-        refusal_rate=sum(map(is_refusal, red)) / len(red), ppl=math.exp(nll / count), logprobs=lp,
+        refusal_rate=refusal_rate(red), overrefusal_answers=over, ppl=math.exp(nll / count), logprobs=lp,
     )
 
 
@@ -130,13 +145,15 @@ def eval_gguf(recipe: Recipe, inp: Inputs, art, drift: list[list[int]], scratch:
                        "max_new_tokens": cfg.golden.max_new_tokens, "timed": True},
             "redteam": {"conversations": [r.messages() for r in inp.redteam],
                         "max_new_tokens": cfg.safety.max_new_tokens},
+            "overrefusal": {"conversations": [r.messages() for r in inp.overrefusal],
+                            "max_new_tokens": cfg.safety.max_new_tokens},
         },
     }
     res = run_gguf(art.path, art.name, job, scratch / art.name.replace(":", "-"), cfg.gguf_timeout_s)
     red = res.answers["redteam"]
     return ArtifactEval(
         golden=score_golden(inp.golden, res.answers["golden"], count_tokens(inp.tokenizer)),
-        redteam_answers=red, refusal_rate=sum(map(is_refusal, red)) / len(red),
+        redteam_answers=red, refusal_rate=refusal_rate(red), overrefusal_answers=res.answers["overrefusal"],
         logprobs=np.load(res.logprobs_path) if res.logprobs_path else None,
         ttft_ms=res.ttft_ms, tokens_per_s=res.tokens_per_s, chat_template=res.chat_template,
     )
@@ -148,6 +165,7 @@ def eval_base(recipe: Recipe, inp: Inputs, engine) -> BaseEval:
     cfg = recipe.eval_gate
     settings = {
         "version": CACHE_VERSION, "golden": inp.golden_sha256, "redteam": inp.redteam_sha256,
+        "overrefusal": inp.overrefusal_sha256,
         "chat_template": hashlib.sha256(inp.tokenizer.chat_template.encode()).hexdigest(),
         "records": hashlib.sha256(json.dumps(inp.records).encode()).hexdigest(),
         "golden_max_new_tokens": cfg.golden.max_new_tokens, "safety_max_new_tokens": cfg.safety.max_new_tokens,
@@ -162,11 +180,12 @@ def eval_base(recipe: Recipe, inp: Inputs, engine) -> BaseEval:
         log("base: evaluating (cached afterwards by the base's sha256)")
         ev = eval_hf(engine, inp, recipe, drift_tokens=0)
         cache[key] = {"golden_answers": [c.answer for c in ev.golden.cases], "redteam_answers": ev.redteam_answers,
-                      "refusal_rate": ev.refusal_rate, "ppl": ev.ppl, "settings": settings}
+                      "overrefusal_answers": ev.overrefusal_answers, "refusal_rate": ev.refusal_rate, "ppl": ev.ppl,
+                      "settings": settings}
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, cache_file)
     hit = cache[key]
     return BaseEval(score_golden(inp.golden, hit["golden_answers"], count_tokens(inp.tokenizer)),
-                    hit["redteam_answers"], hit["refusal_rate"], hit["ppl"])
+                    hit["redteam_answers"], hit["refusal_rate"], hit["overrefusal_answers"], hit["ppl"])

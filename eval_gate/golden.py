@@ -15,6 +15,11 @@ Behaviours (each scored 0..1; a case's score is their mean):
     json_schema   schema                 1 if the answer (or its first {...} / [...] block) parses and validates
     refuses                              1 if the answer reads as a refusal
     max_tokens    value                  1 if the answer has at most value tokens
+    tool_call     name, arguments,       1 if the answer is one JSON call {"name": name, "arguments": {...}} whose
+                  schema (optional)      arguments validate against schema and equal `arguments` as parsed values;
+                                         0.5 for the right tool with wrong or invalid arguments, or a right call
+                                         with text around it; 0 for no call, a malformed one or another tool
+    no_tool_call                         1 if the answer holds no tool call (a plain-text answer or a refusal)
 A case *passes* when every behaviour scores 1, *fails* when one scores 0, and is *soft* otherwise.
 """
 from __future__ import annotations
@@ -52,17 +57,20 @@ class _Strict(BaseModel):
 
 
 class Behaviour(_Strict):
-    type: Literal["contains", "not_contains", "regex", "exact", "json_schema", "refuses", "max_tokens"]
+    type: Literal["contains", "not_contains", "regex", "exact", "json_schema", "refuses", "max_tokens", "tool_call",
+                  "no_tool_call"]
     values: list[str] | None = None
     mode: Literal["all", "any"] = "all"
     pattern: str | None = None
     value: str | int | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
+    name: str | None = None
+    arguments: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _fields_for_type(self) -> "Behaviour":
         need = {"contains": "values", "not_contains": "values", "regex": "pattern", "exact": "value",
-                "json_schema": "schema_", "max_tokens": "value"}.get(self.type)
+                "json_schema": "schema_", "max_tokens": "value", "tool_call": "name"}.get(self.type)
         if need and getattr(self, need) in (None, []):
             raise ValueError(f"behaviour {self.type!r} needs {need.rstrip('_')!r}")
         if self.type == "regex":
@@ -72,7 +80,9 @@ class Behaviour(_Strict):
                 raise ValueError(f"regex {self.pattern!r} does not compile: {exc}") from None
         if self.type == "max_tokens" and not isinstance(self.value, int):
             raise ValueError("max_tokens needs an integer value")
-        if self.type == "json_schema":
+        if self.type == "tool_call" and self.arguments is None:
+            raise ValueError("behaviour 'tool_call' needs 'arguments' (an object; {} for a tool without any)")
+        if self.type in ("json_schema", "tool_call") and self.schema_ is not None:
             from jsonschema import Draft202012Validator, SchemaError
 
             try:
@@ -100,6 +110,10 @@ class GoldenCase(_Prompt):
 
 class RedTeamPrompt(_Prompt):
     category: Literal["jailbreak", "injection", "personal_data", "harmful"]
+
+
+class OverRefusalPrompt(_Prompt):
+    """A harmless request that sounds harmful ("kill a stuck process"): refusing it is a failure of the model."""
 
 
 class Canary(_Strict):
@@ -145,7 +159,12 @@ def load_canaries(path: Path) -> list[Canary]:
     return _load_jsonl(Path(path), Canary, "canary")
 
 
+def load_overrefusal(path: Path) -> list[OverRefusalPrompt]:
+    return _load_jsonl(Path(path), OverRefusalPrompt, "over-refusal prompt")
+
+
 SHIPPED_REDTEAM = Path(__file__).parent / "redteam" / "redteam.jsonl"
+SHIPPED_OVERREFUSAL = Path(__file__).parent / "overrefusal" / "overrefusal.jsonl"
 
 
 # ---- scoring ---------------------------------------------------------------------------------------
@@ -201,7 +220,51 @@ def score_behaviour(b: Behaviour, answer: str, count_tokens: Callable[[str], int
     if b.type == "max_tokens":
         n = count_tokens(answer)
         return float(n <= int(b.value)), f"{n} tokens (max {b.value})"
+    if b.type == "tool_call":
+        return score_tool_call(b, answer)
+    if b.type == "no_tool_call":
+        call, _ = find_tool_call(answer)
+        return (0.0, f"called {call.get('name')!r}") if call is not None else (1.0, "no tool call")
     raise AssertionError(b.type)
+
+
+def find_tool_call(answer: str) -> tuple[dict | None, bool]:
+    """(the tool call the answer makes, whether the answer is nothing but that call); (None, False) for none.
+
+    A call is a JSON object with a string `name` and an object `arguments`: the whole answer (or a fenced block),
+    else the first {...} span in it."""
+    text = answer.strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.DOTALL)
+    whole = [fenced.group(1)] if fenced else [text]
+    i, j = text.find("{"), text.rfind("}")
+    inner = [text[i : j + 1]] if 0 <= i < j else []
+    for only, span in [(True, s) for s in whole] + [(False, s) for s in inner]:
+        try:
+            doc = json.loads(span)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("name"), str) and isinstance(doc.get("arguments"), dict):
+            return doc, only
+    return None, False
+
+
+def score_tool_call(b: Behaviour, answer: str) -> tuple[float, str]:
+    call, only = find_tool_call(answer)
+    if call is None:
+        return 0.0, "no JSON tool call"
+    if call["name"] != b.name:
+        return 0.0, f"called {call['name']!r}, expected {b.name!r}"
+    if b.schema_ is not None:
+        from jsonschema import Draft202012Validator
+
+        errors = sorted(Draft202012Validator(b.schema_).iter_errors(call["arguments"]), key=str)
+        if errors:
+            return 0.5, f"right tool, arguments invalid: {errors[0].message}"
+    if call["arguments"] != b.arguments:
+        return 0.5, f"right tool, arguments {json.dumps(call['arguments'])[:120]} != {json.dumps(b.arguments)[:120]}"
+    if not only:
+        return 0.5, "right call, with text around it"
+    return 1.0, "right tool, right arguments"
 
 
 @dataclass

@@ -11,7 +11,8 @@ from typing import Any
 from recipes import Recipe
 from workbench.workspace import StageError, Workspace, manifest_hash, sha256_file
 
-from .golden import SHIPPED_REDTEAM, load_canaries, load_golden, load_redteam
+from .golden import (SHIPPED_OVERREFUSAL, SHIPPED_REDTEAM, load_canaries, load_golden, load_overrefusal,
+                     load_redteam)
 
 FORMATS = ("hf", "gguf", "compressed-tensors")
 
@@ -40,11 +41,13 @@ class Inputs:
     candidate_sha256: str
     golden: list
     redteam: list
+    overrefusal: list
     canaries: list
     training_texts: list[str]
     records: list[list[int]]  # held-out token ids (adapter tokenizer), perplexity and drift
     golden_sha256: str
     redteam_sha256: str
+    overrefusal_sha256: str
     tokenizer: Any
 
 
@@ -65,17 +68,20 @@ def load_inputs(recipe: Recipe, ws: Workspace) -> Inputs:
 
     golden_path = Path(recipe.data.golden)
     redteam_path = Path(cfg.safety.redteam) if cfg.safety.redteam else SHIPPED_REDTEAM
+    overrefusal_path = Path(cfg.safety.overrefusal) if cfg.safety.overrefusal else SHIPPED_OVERREFUSAL
     tokenizer = load_tokenizer(adapter_dir)
     train_ds = load_from_disk(str(clean_dir / "train"))
     return Inputs(
         base_dir=base_dir, adapter_dir=adapter_dir, artifacts=artifacts,
         candidate_sha256=manifest_hash(quant_dir / "manifest.json"),
         golden=load_golden(golden_path), redteam=load_redteam(redteam_path),
+        overrefusal=load_overrefusal(overrefusal_path),
         canaries=load_canaries(Path(cfg.safety.canaries)),
         training_texts=[" \n".join(m["content"] for m in msgs) for msgs in train_ds["messages"]],
         records=heldout_records(clean_dir / "heldout_text", tokenizer, cfg.perplexity.max_records,
                                 cfg.perplexity.max_tokens),
-        golden_sha256=sha256_file(golden_path), redteam_sha256=sha256_file(redteam_path), tokenizer=tokenizer,
+        golden_sha256=sha256_file(golden_path), redteam_sha256=sha256_file(redteam_path),
+        overrefusal_sha256=sha256_file(overrefusal_path), tokenizer=tokenizer,
     )
 
 

@@ -58,21 +58,27 @@ def _artifacts_evaluated(result: GateResult) -> list[str]:
 
 
 def _golden_plot(out_dir: Path, result: GateResult) -> str | None:
-    """Golden pass rate and mean score per artifact, against the recipe's minimum pass rate."""
+    """Before/after: golden pass rate of the base and of each artifact, over all cases and per tag."""
     import matplotlib.pyplot as plt
 
-    arts, evals = _artifacts_evaluated(result), result.evaluation.artifacts
+    arts, evals, inp = _artifacts_evaluated(result), result.evaluation.artifacts, result.inputs
     if not arts:
         return None
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(arts)), 3.2))
-    xs = range(len(arts))
-    ax.bar([x - 0.2 for x in xs], [evals[a].golden.pass_rate for a in arts], 0.4, label="pass rate")
-    ax.bar([x + 0.2 for x in xs], [evals[a].golden.mean_score for a in arts], 0.4, label="mean score")
+    groups = ["all"] + sorted({t for c in inp.golden for t in c.tags})
+    members = {g: [i for i, c in enumerate(inp.golden) if g == "all" or g in c.tags] for g in groups}
+    series = [("base", result.evaluation.base.golden)] + [(a, evals[a].golden) for a in arts]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 3.4))
+    for k, (label, summary) in enumerate(series):
+        rates = [sum(summary.cases[i].status == "pass" for i in idx) / len(idx) for idx in members.values()]
+        ax.bar([g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))], rates, width, label=label,
+               color="grey" if label == "base" else None)
     ax.axhline(result.recipe.eval_gate.golden.min_pass_rate, color="k", ls="--", lw=1, label="min pass rate")
-    ax.set_xticks(list(xs), arts, rotation=20)
+    ax.set_xticks(range(len(groups)), [f"{g} ({len(members[g])})" for g in groups])
     ax.set_ylim(0, 1)
-    ax.set_title("Golden set per artifact")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("pass rate")
+    ax.set_title("Golden set: base vs fine-tune, per tag")
+    ax.legend(fontsize=7, ncol=2)
     return _save(fig, out_dir / "golden.png")
 
 
@@ -181,11 +187,28 @@ def _golden_section(result: GateResult) -> list[str]:
             + [mark[evals[a].golden.cases[i].status] for a in arts] for i, case in enumerate(inp.golden)]
     lines += [_table(["case", "base"] + arts, rows), ""]
     if arts:
+        lines += _examples(result, arts[0])
         lines.append(f"<details><summary>Answers of {arts[0]}</summary>\n")
         for r in evals[arts[0]].golden.cases:
             lines.append(f"- **{r.id}** ({r.status}, {r.score:.2f}): {_cell(r.answer[:200])}  \n  _{'; '.join(r.details)}_")
         lines += ["\n</details>", ""]
     return lines
+
+
+def _examples(result: GateResult, art: str, per_kind: int = 2) -> list[str]:
+    """A few answers of the base and the candidate side by side: where the fine-tune fixed the base, where both
+    fail, and where it lost what the base could do."""
+    inp, base, cand = result.inputs, result.evaluation.base.golden.cases, result.evaluation.artifacts[art].golden.cases
+    kinds = (("fixed", "fail", "pass"), ("both fail", "fail", "fail"), ("lost", "pass", "fail"))
+    rows = []
+    for label, b_status, c_status in kinds:
+        picked = [i for i in range(len(inp.golden)) if (base[i].status == "pass") == (b_status == "pass")
+                  and (cand[i].status == "pass") == (c_status == "pass")][:per_kind]
+        rows += [[label, inp.golden[i].id, _cell(inp.golden[i].prompt[:90]), _cell(base[i].answer[:110]),
+                  _cell(cand[i].answer[:110])] for i in picked]
+    if not rows:
+        return []
+    return [f"Examples, base vs {art}:", "", _table(["", "case", "prompt", "base answers", f"{art} answers"], rows), ""]
 
 
 def _perplexity_section(result: GateResult) -> list[str]:
@@ -221,6 +244,13 @@ def _safety_section(result: GateResult) -> list[str]:
             for cat, idx in by_cat.items()]
     lines = ["## Safety", "", "Refusals on the red-team set (jailbreaks, prompt injection, requests for personal data):",
              "", _table(["category", "prompts", "base"] + arts, rows), ""]
+    base_over = result.evaluation.base.overrefusal_answers
+    over = [[r.id, _cell(r.prompt[:80]), "refused" if is_refusal(base_over[i]) else "answered"]
+            + ["**refused**" if is_refusal(evals[a].overrefusal_answers[i]) else "answered" for a in arts]
+            for i, r in enumerate(inp.overrefusal)]
+    lines += [f"Over-refusal: {len(inp.overrefusal)} harmless requests that sound harmful (a fine-tune may refuse at "
+              f"most {result.recipe.eval_gate.safety.overrefusal_tolerance:.0%} more of them than its base):", "",
+              _table(["prompt", "text", "base"] + arts, over), ""]
     if result.canary_hits:
         lines += [f"**PII canaries leaked** ({len(result.canary_hits)}):", "",
                   _table(["artifact", "canary type", "where"],

@@ -23,6 +23,7 @@ from workbench.workspace import StageError, Workspace, manifest_hash, pid_alive,
 
 from .files import SHA256_MANIFEST, dump_manifest, manifest_digest, pickle_problem
 from .store import COMPLETE, FILES_DIGEST_TAG, STATUS_TAG, logged_model_id, move_alias, retry
+from .summary import version_description
 
 CANDIDATE_ALIAS = "candidate"
 DESCRIPTION_LIMIT = 4800  # MLflow keeps 5000 characters of a version description
@@ -79,7 +80,9 @@ def run(recipe, args) -> int:
             version = mlflow.register_model(
                 f"models:/{logged.model_id}", model_name,
                 tags={**tags, STATUS_TAG: "incomplete", "publish.pid": str(os.getpid()), "publish.host": socket.gethostname()})
-            client.update_model_version(model_name, version.version, description=description(ws, verdict))
+            gate_run = (ws.manifest("eval_gate") or {}).get("results", {}).get("mlflow_run_id")
+            client.update_model_version(model_name, version.version,
+                                        description=version_description(verdict, gate_run)[:DESCRIPTION_LIMIT])
             move_alias(client, model_name, CANDIDATE_ALIAS, version.version)
             retry("mark complete", lambda: client.set_model_version_tag(model_name, version.version, STATUS_TAG, COMPLETE))
 
@@ -266,23 +269,6 @@ def link_dataset(ws: Workspace, model_id: str) -> None:
         # MLflow keeps 36 characters of a digest; the full fingerprint is the dataset.fingerprint.* tag
         ds = MetaDataset(source=source, name=f"{ws.recipe.name}/clean/{split}", digest=str(fingerprints[split])[:36])
         mlflow.log_input(ds, context="training" if split == "train" else "eval", model=LoggedModelInput(model_id))
-
-
-def description(ws: Workspace, verdict: dict) -> str:
-    """The version's description, shown on its page in the MLflow UI: the verdict table, then the report."""
-    lines = ["## Eval gate: " + ("PASSED" if verdict.get("passed") else "FAILED"), "",
-             "| check | artifact | value | threshold | passed |", "|---|---|---|---|---|"]
-    for c in verdict.get("checks", []):
-        lines.append(f"| {c.get('name')} | {c.get('artifact') or ''} | {c.get('value')} | {c.get('threshold')} | "
-                     f"{'yes' if c.get('passed') else 'NO'}{'' if c.get('gating', True) else ' (info)'} |")
-    lines += ["", "Full report: artifacts `gate/report.md`. Files: `sha256.json`.", ""]
-    report = ws.stage_dir("eval_gate") / "report.md"
-    text = "\n".join(lines)
-    if report.is_file():
-        text += "\n" + report.read_text()
-    if len(text) > DESCRIPTION_LIMIT:
-        text = text[:DESCRIPTION_LIMIT] + "\n\n... (truncated; see gate/report.md)"
-    return text
 
 
 def mark_interrupted_publishes(client, exp_id: str, model_name: str) -> None:

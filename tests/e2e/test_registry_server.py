@@ -223,7 +223,9 @@ def test_mlflow_ui_shows_the_version_and_a_reviewer_approves_it_there(server, on
             assert "@ candidate" in body_text or "candidate" in body_text
             for tag in ("gate.passed", "metric.golden_pass_rate", "files.sha256", "train.run_id", "dataset.digest"):
                 assert tag in body_text, f"tag {tag} not shown on the version page"
-            assert "Eval gate: PASSED" in body_text and "Golden pass rate: 0.80" in body_text  # the gate report
+            # the description: verdict, then base -> candidate for the key metrics, rounded, and where the report is
+            assert "Eval gate: PASSED" in body_text and "golden pass rate" in body_text and "0.80" in body_text
+            assert "gate/report.html" in body_text
             for key, value in {"approval": "approved", "approved_by": "ui-reviewer"}.items():
                 page.get_by_placeholder("Name", exact=True).fill(key)
                 page.get_by_placeholder("Value", exact=True).fill(value)
