@@ -189,9 +189,9 @@ def load_ner(path: str | Path) -> Callable[[str], Iterable[tuple[int, int]]]:
     if (path / "config.json").is_file():
         from transformers import pipeline
 
-        # local files only: the model is the recipe's, never fetched
+        # a directory: loaded from its files, never from a hub
         ner = pipeline("token-classification", model=str(path), tokenizer=str(path), aggregation_strategy="simple",
-                       device="cpu", model_kwargs={"local_files_only": True})
+                       device="cpu")
         labels = {label.upper() for label in ner.model.config.id2label.values()}
         if not labels & {"B-PER", "I-PER", "PER", "B-PERSON", "I-PERSON", "PERSON"}:
             raise StageError(f"cleaning.pii_ner_model {path}: the model has no person label (PER or PERSON) "

@@ -367,7 +367,7 @@ def evaluate(scrub, cases=None, negatives=None) -> dict:
         placeholders_made += len(PLACEHOLDER_RE.findall(out))
         labelled_total += len(labels)
         for lab in labels:
-            caught = not any(piece in out for piece in lab.must_go)
+            caught = not any(left_in(piece, out) for piece in lab.must_go)
             hit = per_type.setdefault(lab.type, [0, 0])
             hit[0] += caught
             hit[1] += 1
@@ -382,6 +382,11 @@ def evaluate(scrub, cases=None, negatives=None) -> dict:
             "missed": missed, "false_positives": false_positives,
             "negatives": len(negatives), "placeholders_on_positives": placeholders_made,
             "labelled_values": labelled_total}
+
+
+def left_in(piece: str, text: str) -> bool:
+    """Whether piece is still in text as a whole word (the "Thi" of "Nguyen Thi Lan" is not in "This")."""
+    return re.search(rf"(?<!\w){re.escape(piece)}(?!\w)", text) is not None
 
 
 def _diff(text: str, out: str) -> tuple[str, str]:
