@@ -6,9 +6,9 @@ Equal values get equal placeholders (so a conversation that mentions one address
 duplicates stay duplicates), while the value itself cannot be read back without the salt. Candidates
 found by a regex are confirmed by a checksum or parser where one exists (Luhn for cards, mod-97 for
 IBANs, `ipaddress` for IPs, python-stdnum for national IDs, phonenumbers for phones), which keeps version
-numbers, dates and slices in code out of the net. The detectors of each kind live next to this module
-(`pii_ids`, `pii_secrets`, `pii_names`, `pii_addresses`); `PII_TYPES` says which types there are, and a scrubber runs only
-the types it is given.
+numbers, dates and slices in code out of the net. The detectors of the later kinds live next to this
+module (`pii_ids`, `pii_secrets`, `pii_names`, `pii_addresses`); `PII_TYPES` says which types there are,
+and a scrubber runs only the types it is given.
 """
 from __future__ import annotations
 
@@ -218,14 +218,12 @@ def builtin_detectors(types: frozenset[str], phone_regions: tuple[str, ...] = DE
     from .pii_names import person_detectors
     from .pii_secrets import SECRET_DETECTORS
 
-    def only(*kinds: str) -> bool:
-        return any(k in types for k in kinds)
-
-    ordered = ((SECRET_DETECTORS if only("SECRET") else ()) + BUILTIN_DETECTORS[:2]
-               + (NATIONAL_ID_DETECTORS if only("NATIONAL_ID") else ()) + BUILTIN_DETECTORS[2:]
-               + ((phone_detector(phone_regions),) if phone_regions and only("PHONE") else ())
-               + (address_detectors() if only("ADDRESS") else ())
-               + (person_detectors(ner) if only("PERSON") else ()))  # loads the name lists
+    # a type that is off is not built: the name lists and libphonenumber load only when asked for
+    ordered = ((SECRET_DETECTORS if "SECRET" in types else ()) + BUILTIN_DETECTORS[:2]
+               + (NATIONAL_ID_DETECTORS if "NATIONAL_ID" in types else ()) + BUILTIN_DETECTORS[2:]
+               + ((phone_detector(phone_regions),) if phone_regions and "PHONE" in types else ())
+               + (address_detectors() if "ADDRESS" in types else ())
+               + (person_detectors(ner) if "PERSON" in types else ()))
     return tuple(d for d in ordered if d.type in types)
 
 

@@ -35,9 +35,12 @@ _STREET = (
     rf"(?:[ \t-]+(?:{_ROMANCE_PARTICLES}[ \t]*){{0,2}}{_W}){{0,3}}"
     rf"|(?:{_ROMANCE_TYPES})[ \t]+(?:{_ROMANCE_PARTICLES}[ \t]+){{0,2}}{_W}"
     rf"(?:[ \t]+(?:{_ROMANCE_PARTICLES}[ \t]+){{0,2}}{_W}){{0,4}},?[ \t]+{_NUM}"
-    rf"|[{_UPPER}][\w'’-]*?(?:{_COMPOUND})[ \t]*{_NUM}(?:[-/]\d{{1,4}})?"
     r"|P\.?[ \t]?O\.?[ \t]?Box[ \t]+\d{1,6}|Postfach[ \t]+\d[\d ]{1,8}\d"
 )
+# one word ending in a street type, then the number (Hauptstraße 5, Keizersgracht 123, Drottninggatan 53):
+# its own pattern, scanned only when one of the endings is in the text
+_COMPOUND_STREET = rf"[{_UPPER}][\w'’-]*?(?:{_COMPOUND})[ \t]*{_NUM}(?:[-/]\d{{1,4}})?"
+_COMPOUND_HINTS = tuple(e.replace("\\", "") for e in _COMPOUND.split("|"))
 # what may follow a street line: a unit, a city, a state or province, a postal code
 _TAIL_PART = (
     r"(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Floor|#)[ \t]*[\w-]+"
@@ -49,6 +52,7 @@ _TAIL_PART = (
 _TAIL = rf"(?:,?[ \t]+(?:{_TAIL_PART})|,[ \t]*{_W}(?:[ \t]+{_W}){{0,2}}){{0,4}}"
 _FLAT_FIRST = r"(?:(?:Flat|Apt\.?|Apartment|Unit|Suite)[ \t]*[\w-]+,[ \t]*)?"
 _STREET_ADDRESS = re.compile(rf"(?<![\w.-])(?P<v>{_FLAT_FIRST}(?:{_STREET}){_TAIL})(?![\w-])")
+_COMPOUND_ADDRESS = re.compile(rf"(?<![\w.-])(?P<v>{_FLAT_FIRST}{_COMPOUND_STREET}{_TAIL})(?![\w-])")
 
 _CUES = (r"i live at|i live in|i'm at|my (?:home |new |postal |mailing |billing |shipping )?address is|"
          r"(?:the )?(?:new )?(?:home |postal |mailing |billing |shipping |delivery )?address is|"
@@ -62,8 +66,10 @@ _CLAUSE_END = (r"(?=\r?\n|$|(?<!St)(?<!Str)(?<!str)(?<!Blvd)(?<!Ave)(?<!Rd)(?<!D
                r"(?<!No)(?<!Nr)(?<!ul)(?<!al)(?<!pl)(?<!Av)\.(?:[ \t]|$)|[ \t]+(?:and|since|before|after|please|"
                r"but|until|last|on|for|because|from now)\b|,[ \t]+(?:please|and|but|since|so)\b|[;!?])")
 _CUED_ADDRESS = re.compile(rf"(?i:(?<![\w'])(?:{_CUES}))[ \t]*(?P<v>[^\n]{{4,160}}?){_CLAUSE_END}")
-_CUE_HINTS = ("live", "address", "ship", "send", "deliver", "mail", "adress", "anschrift", "wohn", "habite",
-              "dirección", "vivo", "indirizzo", "abito", "endereço", "moro", "adres", "mieszkam", "адрес", "i'm at")
+# pieces of which every cue holds one (in lower case)
+_CUE_HINTS = ("live at", "live in", "i'm at", "address is", "address:", "ship", "send ", "deliver", "mail it",
+              "mail this", "adresse:", "anschrift:", "wohn", "habite", "dirección:", "vivo en", "indirizzo:",
+              "abito in", "endereço:", "moro n", "adres:", "mieszkam", "адрес:", "adress:")
 
 
 def _cued_ok(value: str) -> bool:
@@ -82,4 +88,6 @@ def address_detectors() -> tuple[Detector, ...]:
         Detector("ADDRESS", _CUED_ADDRESS, _cued_ok,
                  lambda t, f: f.digits > 0 and any(h in f.lower for h in _CUE_HINTS)),
         Detector("ADDRESS", _STREET_ADDRESS, _street_ok, lambda t, f: f.digits > 0),
+        Detector("ADDRESS", _COMPOUND_ADDRESS, _street_ok,
+                 lambda t, f: f.digits > 0 and any(e in f.lower for e in _COMPOUND_HINTS)),
     )
