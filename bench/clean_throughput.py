@@ -4,11 +4,14 @@
     python bench/clean_throughput.py --sizes 100000   # one size only
 
 For each size a fresh child process generates the corpus (not timed: chat, prompt/completion and text
-records, with planted exact duplicates, near duplicates and PII canaries), then runs the stage's cleaning
-core and writes the Arrow splits as the stage does. It prints records/s for the whole run and per rule,
-what the rules found against what was planted, and the child's peak RSS: streaming means the 400k peak
-stays close to the 100k one. Token lengths use the demo recipe's base tokenizer (`--tokenizer DIR` to
-pick another, `--no-tokenizer` to count words instead).
+records, with planted exact duplicates, near duplicates, the PII canaries and names, addresses, national IDs
+and keyword-context secrets), then runs the stage's cleaning core and writes the Arrow splits as the stage
+does. It prints records/s for the whole run and per rule, what the rules found against what was planted, and
+the child's peak RSS: streaming means the 400k peak stays close to the 100k one. Token lengths use the demo
+recipe's base tokenizer (`--tokenizer DIR` to pick another, `--no-tokenizer` to count words instead).
+
+The first size is also run with only the PII detectors the stage had before names, addresses, national IDs,
+secrets and national phone layouts (`--pii regex`), and the ratio of the two records/s is printed.
 """
 from __future__ import annotations
 
@@ -29,6 +32,14 @@ sys.path.insert(0, str(REPO))
 EXACT_DUP_SHARE = 0.05
 NEAR_DUP_SHARE = 0.05
 PII_SHARE = 0.02
+# PII that the canaries do not cover, planted like them: what the name, address, ID and secret detectors find
+PLANTED_PII = ["My name is Marta Quillfeather", "Best regards,\nJürgen Müller", "SSN 536-22-1587",
+               "I live at 742 Evergreen Terrace, Springfield, IL 62704", "Steuer-ID 36574261809",
+               "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "password = 'hunter2-Quokka!'",
+               "ship it to Hauptstraße 5, 10115 Berlin", "call 020 7946 0958"]
+# the detectors of PII types the stage had before the ones above (and no national phone layouts)
+REGEX_PII = {"pii_types": ["EMAIL", "PHONE", "IPV4", "IPV6", "CREDIT_CARD", "IBAN", "API_KEY"],
+             "pii_phone_regions": []}
 
 
 def doc_words() -> list[str]:
@@ -79,11 +90,11 @@ def make_corpus(path: Path, n: int, seed: int = 0) -> dict:
                 else:
                     rec = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
                 if rng.random() < PII_SHARE:
-                    c = rng.choice(canaries)
+                    value = rng.choice([c["value"] for c in canaries] + PLANTED_PII)
                     if "text" in rec:
-                        rec["text"] += f" Contact: {c['value']}."
+                        rec["text"] += f" Contact: {value}."
                     else:
-                        rec["messages"][0]["content"] += f" My details: {c['value']}."
+                        rec["messages"][0]["content"] += f" My details: {value}."
                     planted["pii"] += 1
                 recent.append(rec)
                 if len(recent) > 2000:
@@ -131,7 +142,7 @@ class AnonMemorySampler:
         self._thread.join()
 
 
-def run_one(n: int, tokenizer: str | None, no_tokenizer: bool) -> dict:
+def run_one(n: int, tokenizer: str | None, no_tokenizer: bool, pii: str = "all") -> dict:
     from data_cleaning.core import RULES, Cleaner
     from data_cleaning.report import token_summary
     from data_cleaning.stage import write_splits
@@ -161,7 +172,7 @@ def run_one(n: int, tokenizer: str | None, no_tokenizer: bool) -> dict:
                 return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
             overhead, tok_name = 5, tokenizer
         golden = [f"golden prompt number {i} about the standard library and its modules" for i in range(50)]
-        cfg = CleaningSection(max_tokens=512)
+        cfg = CleaningSection(max_tokens=512, **(REGEX_PII if pii == "regex" else {}))
         quarantined = []
         (tmp / "out").mkdir()
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -174,14 +185,15 @@ def run_one(n: int, tokenizer: str | None, no_tokenizer: bool) -> dict:
         total_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
         st = cleaner.stats
         return {
-            "records": n, "generate_s": round(gen_s, 1), "total_s": round(total_s, 2), "cpu_s": round(cpu_s, 2),
+            "records": n, "pii_detectors": pii, "generate_s": round(gen_s, 1), "total_s": round(total_s, 2), "cpu_s": round(cpu_s, 2),
             "load_average_1m": round(os.getloadavg()[0], 2),
             "records_per_s": round(n / total_s), "tokenizer": tok_name,
             "per_rule_records_per_s": {r: (round(n / st.seconds[r]) if st.seconds.get(r) else None) for r in RULES},
             "per_rule_s": {r: round(st.seconds.get(r, 0.0), 2) for r in RULES},
             "planted": planted, "found": {"exact_duplicate": st.dropped["exact_duplicate"],
                                           "near_duplicate": st.dropped["near_duplicate"],
-                                          "pii_values": sum(cleaner.scrubber.counts.values())},
+                                          "pii_values": sum(cleaner.scrubber.counts.values()),
+                                          "pii_by_type": dict(sorted(cleaner.scrubber.counts.items()))},
             "reconciles": st.reconciles(), "kept": st.kept,
             "mean_tokens_per_kept_record": token_summary(cleaner.token_hist).get("mean"),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -189,40 +201,57 @@ def run_one(n: int, tokenizer: str | None, no_tokenizer: bool) -> dict:
         }
 
 
+def run_child(n: int, args: argparse.Namespace, pii: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(n), "--pii", pii]
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
+    if args.no_tokenizer:
+        cmd.append("--no-tokenizer")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        raise SystemExit(proc.returncode)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_result(r: dict) -> None:
+    print(f"\n== {r['records']} records, PII detectors: {r['pii_detectors']} "
+          f"(corpus generated in {r['generate_s']} s, not timed) ==")
+    print(f"whole stage core: {r['total_s']} s wall = {r['records_per_s']} records/s "
+          f"({r['cpu_s']} CPU-s over both threads; load average {r['load_average_1m']} on a shared machine)")
+    print(f"peak RSS {r['peak_rss_mb']} MB (anonymous {r['peak_anon_mb']} MB); "
+          f"reconciles: {r['reconciles']}; kept {r['kept']} (mean {r['mean_tokens_per_kept_record']} tokens)")
+    print("per rule (records/s, seconds):")
+    for rule, rate in r["per_rule_records_per_s"].items():
+        print(f"  {rule:14s} {rate if rate is not None else '-':>10} rec/s  {r['per_rule_s'][rule]:7.2f} s")
+    print(f"planted: {r['planted']}  found: {r['found']}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100000,400000", help="comma-separated corpus sizes")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the demo recipe's base)")
     ap.add_argument("--no-tokenizer", action="store_true", help="count words instead of tokens")
+    ap.add_argument("--pii", choices=("all", "regex"), default="all", help=argparse.SUPPRESS)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.tokenizer, args.no_tokenizer)))
+        print(json.dumps(run_one(args.child, args.tokenizer, args.no_tokenizer, args.pii)))
         return 0
     print(f"cpu cores: {os.cpu_count()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    before = run_child(sizes[0], args, "regex")
+    print_result(before)
     results = []
-    for n in (int(s) for s in args.sizes.split(",")):
-        cmd = [sys.executable, __file__, "--child", str(n)]
-        if args.tokenizer:
-            cmd += ["--tokenizer", args.tokenizer]
-        if args.no_tokenizer:
-            cmd.append("--no-tokenizer")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-            return proc.returncode
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append(r)
-        print(f"\n== {n} records (corpus generated in {r['generate_s']} s, not timed) ==")
-        print(f"whole stage core: {r['total_s']} s wall = {r['records_per_s']} records/s "
-              f"({r['cpu_s']} CPU-s over both threads; load average {r['load_average_1m']} on a shared machine)")
-        print(f"peak RSS {r['peak_rss_mb']} MB (anonymous {r['peak_anon_mb']} MB); "
-              f"reconciles: {r['reconciles']}; kept {r['kept']} (mean {r['mean_tokens_per_kept_record']} tokens)")
-        print("per rule (records/s, seconds):")
-        for rule, rate in r["per_rule_records_per_s"].items():
-            print(f"  {rule:14s} {rate if rate is not None else '-':>10} rec/s  {r['per_rule_s'][rule]:7.2f} s")
-        print(f"planted: {r['planted']}  found: {r['found']}")
+    for n in sizes:
+        results.append(run_child(n, args, "all"))
+        print_result(results[-1])
+    now = results[0]
+    print(f"\nspeed, all PII detectors vs the regex ones of before, {now['records']} records: "
+          f"{now['records_per_s']} / {before['records_per_s']} records/s = "
+          f"x{now['records_per_s'] / before['records_per_s']:.2f} (pii rule alone: "
+          f"{now['per_rule_s']['pii']} s vs {before['per_rule_s']['pii']} s)")
     if len(results) >= 2:
         a, b = results[0], results[-1]
         print(f"\npeak RSS {a['records']} -> {b['records']} records: {a['peak_rss_mb']} -> {b['peak_rss_mb']} MB "

@@ -116,9 +116,9 @@ class Cleaner:
         self.quarantine_sink = quarantine
         self.batch_size, self.progress = batch_size, progress
         self.stats = CleanStats()
-        self.scrubber = PiiScrubber(salt, cfg.extra_pii_patterns, tuple(cfg.pii_allowlist))
+        self.scrubber = PiiScrubber.for_rules(salt, cfg)
         # excerpts of quarantined lines are scrubbed too, but not counted as PII found in records
-        self.excerpt_scrubber = PiiScrubber(salt, cfg.extra_pii_patterns, tuple(cfg.pii_allowlist))
+        self.excerpt_scrubber = PiiScrubber.for_rules(salt, cfg, ner=self.scrubber.ner)
         self.golden = GoldenIndex(golden or [], cfg.decontam_ngram, cfg.decontam_threshold)
         self.hasher = MinHasher(cfg.near_dup_threshold, cfg.near_dup_num_perm, cfg.near_dup_shingle)
         self.work = Path(work_dir)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .core import DROP_RULES, RULES, Cleaner
+from .pii import PII_TYPES
 
 
 def token_summary(hist: np.ndarray) -> dict:
@@ -27,6 +28,16 @@ def token_summary(hist: np.ndarray) -> dict:
             "p99": pct(0.99)}
 
 
+def pii_counts(cleaner: Cleaner) -> dict[str, int]:
+    """Values replaced per PII type, for every type the stage looked for (a 0 says it looked and found none),
+    built-in types first in their order, then the recipe's own patterns."""
+    cfg, found = cleaner.cfg, cleaner.scrubber.counts
+    if not cfg.pii:
+        return {}
+    types = [t for t in PII_TYPES if t in cfg.pii_types] + sorted(cfg.extra_pii_patterns)
+    return {t: found.get(t, 0) for t in types}
+
+
 def build_report(cleaner: Cleaner, *, raw: dict, golden: dict, fingerprints: dict, tokenizer: str) -> dict:
     st = cleaner.stats
     seconds = {r: round(st.seconds.get(r, 0.0), 3) for r in RULES}
@@ -40,7 +51,8 @@ def build_report(cleaner: Cleaner, *, raw: dict, golden: dict, fingerprints: dic
         "quarantine_reasons": dict(sorted(st.quarantine_reasons.items())),
         "normalized_records": st.normalized,
         "ignored_fields": {cleaner.excerpt_scrubber.scrub(k): v for k, v in sorted(st.ignored_fields.items())},
-        "pii": dict(sorted(cleaner.scrubber.counts.items())),
+        "pii": pii_counts(cleaner),
+        "pii_types_off": [t for t in PII_TYPES if not cleaner.cfg.pii or t not in cleaner.cfg.pii_types],
         "near_dup_pairs_checked": st.near_dup_pairs_checked,
         "near_dup_lsh": {"bands": cleaner.hasher.bands, "rows": cleaner.hasher.rows,
                          "num_perm": cleaner.hasher.num_perm, "shingle_words": cleaner.hasher.shingle},
@@ -108,7 +120,8 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += [f"| {r} | {n} |" for r, n in report["quarantine_reasons"].items()] or ["| (none) | 0 |"]
     lines += ["", "Each quarantined line is in `quarantine.jsonl` with its line number and reason.", ""]
     lines += ["## PII replaced (by type)", "", "| type | values replaced |", "|---|---:|"]
-    lines += [f"| {t} | {n} |" for t, n in report["pii"].items()] or ["| (none) | 0 |"]
+    lines += [f"| {t} | {n} |" for t, n in report["pii"].items()] or ["| (PII scrubbing is off) | - |"]
+    lines += [f"| {t} | off (`cleaning.pii_types`) |" for t in report["pii_types_off"] if report["pii"]]
     lines += ["", "Values are replaced by `<TYPE_xxxx>` placeholders carrying a salted hash; equal values get "
               "equal placeholders.", ""]
     for title, key in (("Top exact-duplicate clusters", "top_exact_dup_clusters"),

@@ -6,8 +6,10 @@ from pydantic import Field, field_validator
 
 from .common import StrictModel
 
-# Types the built-in PII detectors emit; user patterns may not reuse them (their counts would mix).
-BUILTIN_PII_TYPES = ("EMAIL", "PHONE", "IPV4", "IPV6", "CREDIT_CARD", "IBAN", "API_KEY")
+# Types the built-in PII detectors emit (data_cleaning.pii.PII_TYPES, kept here so that validating a recipe
+# imports no detector); user patterns may not reuse them (their counts would mix).
+BUILTIN_PII_TYPES = ("EMAIL", "PHONE", "IPV4", "IPV6", "CREDIT_CARD", "IBAN", "API_KEY", "NATIONAL_ID", "SECRET",
+                     "PERSON", "ADDRESS")
 
 
 class CleaningSection(StrictModel):
@@ -29,6 +31,18 @@ class CleaningSection(StrictModel):
     near_dup_shingle: int = Field(3, ge=1, le=16, description="words per shingle for MinHash")
     near_dup_num_perm: int = Field(128, ge=16, le=512, description="MinHash permutations")
     pii: bool = True
+    pii_types: list[str] = Field(
+        default_factory=lambda: list(BUILTIN_PII_TYPES),
+        description="the built-in PII types to replace (drop one to keep it); user patterns always run",
+    )
+    pii_phone_regions: list[str] = Field(
+        default_factory=lambda: ["US", "GB", "DE", "FR"],
+        description="ISO country codes whose national phone layouts (no +) are looked for, with libphonenumber",
+    )
+    pii_ner_model: str | None = Field(
+        None, description="local directory of a spaCy pipeline or transformers token-classification model whose "
+                          "person entities are replaced as PERSON, on top of the rules (slower)",
+    )
     pii_salt_env: str = Field("WB_PII_SALT", description="environment variable holding the placeholder salt")
     extra_pii_patterns: dict[str, str] = Field(default_factory=dict, description="TYPE -> regex")
     pii_allowlist: list[str] = Field(
@@ -50,6 +64,28 @@ class CleaningSection(StrictModel):
         for source, k in v.items():
             if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 100:
                 raise ValueError(f"upsample[{source!r}] = {k!r}: a whole number of copies from 1 to 100")
+        return v
+
+    @field_validator("pii_types")
+    @classmethod
+    def _types(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in BUILTIN_PII_TYPES]
+        if unknown:
+            raise ValueError(f"unknown PII type(s) {', '.join(map(repr, unknown))}; the built-in types are "
+                             + ", ".join(BUILTIN_PII_TYPES))
+        if len(set(v)) != len(v):
+            raise ValueError("a PII type is listed twice")
+        return v
+
+    @field_validator("pii_phone_regions")
+    @classmethod
+    def _regions(cls, v: list[str]) -> list[str]:
+        import phonenumbers  # its region list only (the metadata of each region loads on first use)
+
+        for region in v:
+            if region not in phonenumbers.SUPPORTED_REGIONS:
+                raise ValueError(f"phone region {region!r} is not a region libphonenumber knows; use a two-letter "
+                                 "ISO country code in capitals, like US or DE")
         return v
 
     @field_validator("extra_pii_patterns")
