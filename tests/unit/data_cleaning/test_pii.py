@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _pii_cases as cases  # noqa: E402
+import _pii_cases as cases  # tests/_pii_cases.py (tests/ is on sys.path through its conftest)
 
-from data_cleaning.pii import PII_TYPES, PLACEHOLDER_RE, PiiScrubber, without_salt  # noqa: E402
-from recipes.sections.cleaning import BUILTIN_PII_TYPES, CleaningSection  # noqa: E402
+from data_cleaning.pii import PII_TYPES, PLACEHOLDER_RE, PiiScrubber, without_salt
+from recipes.sections.cleaning import BUILTIN_PII_TYPES, CleaningSection
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +96,7 @@ def test_private_keys_and_slashed_aws_secrets_go_whole(scrubber):
 def test_demo_corpus_and_golden_answers_are_not_scrubbed():
     """The stdlib corpus without its planted canaries: the only PII the new detectors find are the real names of
     module authors in the "who wrote" records; nothing in the golden set is touched."""
-    from data_cleaning.sources.pydoc import build_records
+    from demo.stdlib_qa import build_records
 
     s = PiiScrubber.for_rules(b"demo", CleaningSection())
     # the detectors the stage had before: what they change (e-mail addresses in the docs) is not asked here
@@ -114,7 +112,7 @@ def test_demo_corpus_and_golden_answers_are_not_scrubbed():
     assert dict(s.counts) == {"EMAIL": before.counts["EMAIL"], "PERSON": 7}, dict(s.counts)
     assert len(changed) == 4 and all("module is credited to" in out for out in changed), changed
 
-    golden = [json.loads(line) for line in (REPO / "eval_gate" / "golden" / "stdlib.jsonl").read_text().splitlines()
+    golden = [json.loads(line) for line in (REPO / "demo" / "golden" / "stdlib.jsonl").read_text().splitlines()
               if line.strip()]
     answers = [g["prompt"] for g in golden]
     for g in golden:
