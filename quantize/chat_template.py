@@ -171,10 +171,10 @@ def modelfile_text(gguf_name: str, tmpl: OllamaTemplate, parameters: dict[str, o
 
 
 def parse_modelfile(text: str) -> dict:
-    """FROM / TEMPLATE / SYSTEM / PARAMETER of a Modelfile (triple-quoted values may span lines)."""
+    """FROM / ADAPTER / TEMPLATE / SYSTEM / PARAMETER of a Modelfile (triple-quoted values may span lines)."""
     out: dict = {"parameters": {}, "stop": []}
     pos = 0
-    pattern = re.compile(r'^(FROM|TEMPLATE|SYSTEM|PARAMETER)\s+(?:"""(.*?)"""|(.*?))\s*$', re.S | re.M)
+    pattern = re.compile(r'^(FROM|ADAPTER|TEMPLATE|SYSTEM|PARAMETER)\s+(?:"""(.*?)"""|(.*?))\s*$', re.S | re.M)
     for m in pattern.finditer(text):
         if text[pos:m.start()].strip():
             raise ValueError(f"Modelfile: cannot parse {text[pos:m.start()].strip()[:60]!r}")
