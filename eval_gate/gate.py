@@ -35,14 +35,17 @@ def log(msg: str) -> None:
 @dataclass
 class Artifact:
     name: str  # "adapter", "merged", "gguf:Q8_0", "awq"
-    format: str  # "peft", "hf", "gguf", "compressed-tensors"
+    format: str  # "peft", "hf", "gguf", "gguf-lora", "compressed-tensors"
     path: Path
     parent: str | None
+    lora_base: Path | None = None  # gguf-lora: the F16 base GGUF the adapter (path) is applied to
 
     @property
     def quant_type(self) -> str | None:
         if self.format == "gguf":
             return self.name.split(":", 1)[1]
+        if self.format == "gguf-lora":
+            return "F16"  # an F16 adapter on the F16 base: judged against the adapter on base in transformers
         if self.format == "compressed-tensors":
             return "awq"
         return None
@@ -99,12 +102,15 @@ def load_inputs(recipe: Recipe, ws: Workspace) -> Inputs:
         raise StageError(f"{quant_dir / 'manifest.json'}: results.artifacts is missing (docs/stages.md, quantize/)")
     for i, a in enumerate(listed):
         try:
-            art = Artifact(a["name"], a["format"], quant_dir / a["path"], a.get("parent"))
+            art = Artifact(a["name"], a["format"], quant_dir / a["path"], a.get("parent"),
+                           quant_dir / a["base_path"] if a["format"] == "gguf-lora" else None)
         except (KeyError, TypeError):
-            raise StageError(f"{quant_dir / 'manifest.json'}: results.artifacts[{i}] lacks name/format/path: {a!r}") from None
-        if not art.path.exists():
-            raise StageError(f"{art.path}: artifact {art.name!r} listed in the quantize manifest does not exist")
-        if art.format not in ("hf", "gguf", "compressed-tensors"):
+            raise StageError(f"{quant_dir / 'manifest.json'}: results.artifacts[{i}] lacks name/format/path "
+                             f"(gguf-lora: base_path): {a!r}") from None
+        for path in (art.path, art.lora_base):
+            if path is not None and not path.exists():
+                raise StageError(f"{path}: artifact {art.name!r} listed in the quantize manifest does not exist")
+        if art.format not in ("hf", "gguf", "gguf-lora", "compressed-tensors"):
             raise StageError(f"{quant_dir / 'manifest.json'}: artifact {art.name!r} has unknown format {art.format!r}")
         if art.quant_type is not None and art.quant_type not in cfg.drift.limits and art.parent is not None:
             raise StageError(f"eval_gate.drift.limits: no limits for quant type {art.quant_type!r} "
@@ -267,8 +273,11 @@ def evaluate(recipe: Recipe, inp: Inputs, scratch: Path) -> tuple[dict[str, Any]
             del engine
         else:
             try:
-                res = run_gguf(art.path, art.name, gguf_job(recipe, inp, drift), scratch / art.name.replace(":", "-"),
-                               cfg.gguf_timeout_s)
+                job = gguf_job(recipe, inp, drift)
+                model = art.path
+                if art.lora_base is not None:  # llama.cpp serves base + adapter: llama-server -m BASE --lora ADAPTER
+                    job, model = {**job, "lora_path": str(art.path)}, art.lora_base
+                res = run_gguf(model, art.name, job, scratch / art.name.replace(":", "-"), cfg.gguf_timeout_s)
             except StageError as exc:
                 log(f"  error: {exc}")
                 evals[art.name] = _unloadable(inp, str(exc))
@@ -322,7 +331,7 @@ def build_checks(recipe: Recipe, inp: Inputs, base: dict[str, Any], evals: dict[
         tables["canary_hits"] += [{"artifact": a, **h} for h in hits]
         checks.append(C.at_most("pii_canary_leaks", a, len(hits), 0,
                                 detail="; ".join(f"{h['type']} in {h['source']}" for h in hits[:5])))
-        if art.format == "gguf":
+        if art.format in ("gguf", "gguf-lora"):
             ok, why = templates(ev.chat_template)
             checks.append(C.Check("chat_template_match", a, float(ok), 1.0, ok, True, "higher", why))
             if ev.ttft_ms:

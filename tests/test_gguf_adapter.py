@@ -27,7 +27,7 @@ def adapter_run(tiny_model_dir, tmp_path_factory):
     proc = run_quantize(recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = tmp / "runs" / "lora" / "quantize"
-    return {"dir": d, "manifest": json.loads((d / "manifest.json").read_text()), "stdout": proc.stdout}
+    return {"dir": d, "manifest": json.loads((d / "manifest.json").read_text()), "stdout": proc.stdout, "recipe": recipe}
 
 
 def test_adapter_artifact_in_the_manifest(adapter_run):
@@ -101,3 +101,42 @@ def test_adapters_llama_cpp_would_scale_differently_are_refused(tmp_path, cfg, m
         lora_problem(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
     lora_problem(tmp_path)
+
+
+def test_pull_serves_the_adapter_with_llama_server_lora_and_the_modelfile(tmp_path):
+    from registry.pull import available_formats, format_paths, launch_lines
+
+    files = {"gguf_adapter/base-F16.gguf": {}, "gguf_adapter/adapter-F16.gguf": {}, "gguf_adapter/Modelfile": {},
+             "gguf/model-F16.gguf": {}}
+    assert "gguf_adapter" in available_formats(files) and format_paths("gguf_adapter", files) == ["gguf_adapter/"]
+    lines = launch_lines("Tiny", None, "gguf_adapter", tmp_path)
+    d = tmp_path / "gguf_adapter"
+    assert f"llama-server -m {d / 'base-F16.gguf'} --lora {d / 'adapter-F16.gguf'} --jinja" in lines
+    assert f"ollama create tiny -f {d / 'Modelfile'}" in lines
+
+
+def test_gate_runs_the_adapter_artifact_as_llama_server_would(adapter_run, tmp_path):
+    """The gate reads the gguf-lora artifact (base + adapter, parent: the adapter on the base in transformers)
+    and its llama.cpp worker applies the adapter: its log-probs are those of the PEFT adapter on the base."""
+    import numpy as np
+
+    from eval_gate.engines import run_gguf
+    from eval_gate.gate import load_inputs
+    from quantize.chat_template import golden_conversation
+    from recipes import load_recipe
+    from workbench.workspace import Workspace
+
+    recipe = load_recipe(adapter_run["recipe"])
+    inp = load_inputs(recipe, Workspace(recipe))
+    art = next(a for a in inp.artifacts if a.name == "gguf_adapter")
+    assert (art.format, art.parent, art.quant_type, art.lora_base.name) == ("gguf-lora", "adapter", "F16", "base-F16.gguf")
+    ids = [i for r in inp.records for i in r][:64]
+    job = {"threads": 1, "n_ctx": 256, "records": [ids],
+           "chats": {"golden": {"conversations": [golden_conversation()], "max_new_tokens": 4, "timed": True}}}
+    ref = hf_logits(inp.base_dir, ids, adapter_dir=inp.adapter_dir)
+    with_lora = run_gguf(art.lora_base, art.name, {**job, "lora_path": str(art.path)}, tmp_path / "a", 600)
+    alone = run_gguf(art.lora_base, "base", job, tmp_path / "b", 600)
+    d_lora = drift(ref, np.load(with_lora.logprobs_path).astype(np.float64))
+    d_alone = drift(ref, np.load(alone.logprobs_path).astype(np.float64))
+    assert d_lora["kld"] <= MAX_KLD and d_alone["kld"] > 100 * d_lora["kld"], (d_lora, d_alone)
+    assert with_lora.chat_template and len(with_lora.answers["golden"]) == 1
