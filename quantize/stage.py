@@ -157,10 +157,9 @@ def check_tokenizer_converts(recipe: Recipe, base_dir: Path, adapter_dir: Path, 
 def modelfile_template(ollama, gguf_path: Path):
     """The Ollama template for a GGUF: Ollama adds BOS only where the GGUF says to, so a BOS the HF template
     writes must be in the Go template when the GGUF's tokenizer does not add one."""
-    from gguf import GGUFReader
+    from .llama_child import run_llama
 
-    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.add_bos_token")
-    if ollama.bos_text and not (field is not None and field.contents()):
+    if ollama.bos_text and not run_llama("chat_tokens", gguf_path, texts=[], timeout=600)["add_bos"]:
         return dataclasses.replace(ollama, template=ollama.bos_text + ollama.template)
     return ollama
 

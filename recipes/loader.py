@@ -122,8 +122,10 @@ def _cross_section_problems(data: dict, lines: dict[tuple, int], name: str) -> l
         kinds = {t.get("kind") for t in targets if isinstance(t, dict)}
         where = SimpleNamespace(path=base.get("path"), hub_id=base.get("hub_id"), revision=base.get("revision"))
         config = read_model_config(where)
+        awq = next((t for t in targets if isinstance(t, dict) and t.get("kind") == "awq"), {})
+        group = awq.get("group_size") if isinstance(awq.get("group_size"), int) else None
         problem = architecture_problem(config, needs_gguf=bool(kinds & {"gguf", "gguf_adapter"}),
-                                       needs_awq="awq" in kinds) if config else None
+                                       needs_awq="awq" in kinds, awq_group_size=group) if config else None
         if problem:
             problems.append(Problem(name, _nearest_line(lines, ("base_model",)), "base_model", problem))
     return problems

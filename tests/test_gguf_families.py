@@ -145,3 +145,23 @@ def test_recipe_with_each_family_validates(make_recipe, converted):
             {"kind": "gguf", "types": ["F16", "Q8_0"]}, {"kind": "gguf_adapter"},
             {"kind": "awq", "calibration_samples": 8}]})
         assert [t.kind for t in load_recipe(path).quantize.targets] == ["gguf", "gguf_adapter", "awq"]
+
+
+def test_awq_group_size_is_checked_at_validation(make_recipe, converted):
+    """A group size must divide every Linear input width, the output projection's (heads x head_dim, which
+    Gemma 3 and Qwen3 set apart from hidden_size) included; a bad one fails at validation."""
+    from quantize.awq import choose_group_size
+    from recipes import RecipeError, load_recipe
+    from workbench.workspace import StageError
+
+    head_dim_apart = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 3, "head_dim": 32}
+    with pytest.raises(StageError, match=r"width\(s\) \[96\]"):
+        choose_group_size(head_dim_apart, 128)  # divides hidden and intermediate, not o_proj's 3 x 32
+    assert choose_group_size(head_dim_apart, None) == 32
+    path = make_recipe(base_dir=converted("mistral")["dir"], name="g", quantize={"targets": [
+        {"kind": "awq", "group_size": 128}]})
+    with pytest.raises(RecipeError, match=r"group_size 128 does not divide the model's Linear input width\(s\) \[64\]"):
+        load_recipe(path)
+    path = make_recipe(base_dir=converted("mistral")["dir"], name="g2", quantize={"targets": [
+        {"kind": "awq", "group_size": 32}]})
+    assert load_recipe(path).quantize.targets[0].group_size == 32

@@ -121,9 +121,11 @@ def read_model_config(base_model: Any) -> dict | None:
     return None
 
 
-def architecture_problem(config: dict, needs_gguf: bool, needs_awq: bool = False) -> str | None:
+def architecture_problem(config: dict, needs_gguf: bool, needs_awq: bool = False,
+                         awq_group_size: int | None = None) -> str | None:
     """Why the quantize stage cannot handle a model with this config.json (None when it can): an architecture
-    llama.cpp's converter does not convert (GGUF targets) or llm-compressor has no AWQ mapping for (awq)."""
+    llama.cpp's converter does not convert (GGUF targets) or llm-compressor has no AWQ mapping for (awq), or an
+    AWQ group size that does not divide the model's Linear input widths."""
     archs = config.get("architectures") or []
     arch = archs[0] if archs else config.get("model_type", "?")
     if needs_gguf:
@@ -141,6 +143,13 @@ def architecture_problem(config: dict, needs_gguf: bool, needs_awq: bool = False
         if known is not None and arch not in known:
             return (f"base model architecture {arch!r} is not supported by llm-compressor's AWQ (it has no AWQ "
                     f"mapping for it; mapped: {', '.join(sorted(known))}); drop the awq target or pick a mapped base")
+        from quantize.awq import choose_group_size
+        from workbench.workspace import StageError
+
+        try:
+            choose_group_size(config, awq_group_size)
+        except (StageError, KeyError) as exc:
+            return str(exc) if isinstance(exc, StageError) else f"config.json has no {exc} (AWQ group size check)"
     return None
 
 
