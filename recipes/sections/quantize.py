@@ -143,13 +143,14 @@ def architecture_problem(config: dict, needs_gguf: bool, needs_awq: bool = False
         if known is not None and arch not in known:
             return (f"base model architecture {arch!r} is not supported by llm-compressor's AWQ (it has no AWQ "
                     f"mapping for it; mapped: {', '.join(sorted(known))}); drop the awq target or pick a mapped base")
-        from quantize.awq import choose_group_size
-        from workbench.workspace import StageError
+        if "hidden_size" in config and "intermediate_size" in config:  # else the stage's preflight checks it
+            from quantize.awq import choose_group_size
+            from workbench.workspace import StageError
 
-        try:
-            choose_group_size(config, awq_group_size)
-        except (StageError, KeyError) as exc:
-            return str(exc) if isinstance(exc, StageError) else f"config.json has no {exc} (AWQ group size check)"
+            try:
+                choose_group_size(config, awq_group_size)
+            except StageError as exc:
+                return str(exc)
     return None
 
 
