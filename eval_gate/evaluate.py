@@ -149,7 +149,10 @@ def eval_gguf(recipe: Recipe, inp: Inputs, art, drift: list[list[int]], scratch:
                             "max_new_tokens": cfg.safety.max_new_tokens},
         },
     }
-    res = run_gguf(art.path, art.name, job, scratch / art.name.replace(":", "-"), cfg.gguf_timeout_s)
+    model = art.path
+    if art.lora_base is not None:  # llama.cpp serves base + adapter: llama-server -m BASE --lora ADAPTER
+        job, model = {**job, "lora_path": str(art.path)}, art.lora_base
+    res = run_gguf(model, art.name, job, scratch / art.name.replace(":", "-"), cfg.gguf_timeout_s)
     red = res.answers["redteam"]
     return ArtifactEval(
         golden=score_golden(inp.golden, res.answers["golden"], count_tokens(inp.tokenizer)),

@@ -31,14 +31,14 @@ def _chat(llm, messages: list[dict], max_new_tokens: int) -> tuple[str, float, f
     return answer, (first - t0) * 1000.0, tps, n
 
 
-def _logprobs(model_path: str, records: list[list[int]], threads: int):
+def _logprobs(model_path: str, records: list[list[int]], threads: int, lora_path: str | None = None):
     """Float16 log-softmax of every position of every record, concatenated [N, vocab]."""
     import numpy as np
     from llama_cpp import Llama
 
     longest = max(len(r) for r in records)
     llm = Llama(model_path=model_path, n_ctx=longest + 8, n_batch=longest + 8, n_ubatch=longest + 8,
-                logits_all=True, n_threads=threads, verbose=False)
+                logits_all=True, n_threads=threads, verbose=False, lora_path=lora_path)
     out = []
     for ids in records:
         llm.reset()
@@ -57,11 +57,13 @@ def op_evaluate(job: dict) -> dict:
 
     threads = int(job["threads"])
     n_ctx = int(job["n_ctx"])
-    llm = Llama(model_path=job["model_path"], n_ctx=n_ctx, n_threads=threads, seed=0, verbose=False)
+    lora = job.get("lora_path")  # a GGUF LoRA adapter applied at load time (llama-server --lora)
+    llm = Llama(model_path=job["model_path"], n_ctx=n_ctx, n_threads=threads, seed=0, verbose=False, lora_path=lora)
     trained = int(llm.metadata.get(f"{llm.metadata.get('general.architecture', 'llama')}.context_length", n_ctx))
     if trained < n_ctx:  # a context longer than the model was trained for only adds warnings
         del llm
-        llm = Llama(model_path=job["model_path"], n_ctx=trained, n_threads=threads, seed=0, verbose=False)
+        llm = Llama(model_path=job["model_path"], n_ctx=trained, n_threads=threads, seed=0, verbose=False,
+                    lora_path=lora)
     metadata = {k: v for k, v in llm.metadata.items() if k.startswith(("general.", "tokenizer.chat_template"))}
     answers: dict[str, list[str]] = {}
     ttft, tps, ntok = [], [], []
@@ -77,7 +79,7 @@ def op_evaluate(job: dict) -> dict:
     del llm
     has_lp = bool(job.get("records"))
     if has_lp:
-        np.save(job["logprobs_out"], _logprobs(job["model_path"], job["records"], threads))
+        np.save(job["logprobs_out"], _logprobs(job["model_path"], job["records"], threads, lora))
     return {
         "answers": answers, "ttft_ms": ttft, "tokens_per_s": tps, "completion_tokens": ntok,
         "chat_template": metadata.get("tokenizer.chat_template"), "has_logprobs": has_lp,

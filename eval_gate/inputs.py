@@ -14,20 +14,23 @@ from workbench.workspace import StageError, Workspace, manifest_hash, sha256_fil
 from .golden import (SHIPPED_OVERREFUSAL, SHIPPED_REDTEAM, load_canaries, load_golden, load_overrefusal,
                      load_redteam)
 
-FORMATS = ("hf", "gguf", "compressed-tensors")
+FORMATS = ("hf", "gguf", "gguf-lora", "compressed-tensors")
 
 
 @dataclass
 class Artifact:
     name: str  # "adapter", "merged", "gguf:Q8_0", "awq"
-    format: str  # "peft", "hf", "gguf", "compressed-tensors"
+    format: str  # "peft", "hf", "gguf", "gguf-lora", "compressed-tensors"
     path: Path
     parent: str | None
+    lora_base: Path | None = None  # gguf-lora: the F16 base GGUF the adapter (path) is applied to
 
     @property
     def quant_type(self) -> str | None:
         if self.format == "gguf":
             return self.name.split(":", 1)[1]
+        if self.format == "gguf-lora":
+            return "F16"  # an F16 adapter on the F16 base: judged against the adapter on base in transformers
         if self.format == "compressed-tensors":
             return "awq"
         return None
@@ -96,11 +99,13 @@ def listed_artifacts(recipe: Recipe, ws: Workspace) -> list[Artifact]:
     out = []
     for i, a in enumerate(listed):
         try:
-            art = Artifact(a["name"], a["format"], quant_dir / a["path"], a.get("parent"))
+            art = Artifact(a["name"], a["format"], quant_dir / a["path"], a.get("parent"),
+                           quant_dir / a["base_path"] if a["format"] == "gguf-lora" else None)
         except (KeyError, TypeError):
-            raise StageError(f"{where}: results.artifacts[{i}] lacks name/format/path: {a!r}") from None
-        if not art.path.exists():
-            raise StageError(f"{art.path}: artifact {art.name!r} listed in the quantize manifest does not exist")
+            raise StageError(f"{where}: results.artifacts[{i}] lacks name/format/path (gguf-lora: base_path): {a!r}") from None
+        for path in (art.path, art.lora_base):
+            if path is not None and not path.exists():
+                raise StageError(f"{path}: artifact {art.name!r} listed in the quantize manifest does not exist")
         if art.format not in FORMATS:
             raise StageError(f"{where}: artifact {art.name!r} has unknown format {art.format!r}")
         if art.quant_type is not None and art.quant_type not in recipe.eval_gate.drift.limits and art.parent is not None:

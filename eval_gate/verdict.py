@@ -109,7 +109,7 @@ def judge(recipe: Recipe, inp: Inputs, evaluation: Evaluation) -> GateResult:
             continue
         result.checks += quality_checks(recipe, art.name, ev, evaluation)
         result.checks += safety_checks(recipe, inp, art.name, ev, evaluation, result.canary_hits)
-        if art.format == "gguf":
+        if art.format in ("gguf", "gguf-lora"):
             result.checks += serving_checks(recipe, inp, art.name, ev, result)
         if art.parent is not None and art.quant_type is not None:
             result.checks += drift_checks(recipe, art, ev, evaluation, result.drift)

@@ -16,8 +16,14 @@ GROUP_SIZE_CHOICES = (128, 64, 32)
 
 
 def linear_input_widths(config: dict) -> list[int]:
-    """in_features of the Linear layers that get quantized (attention/MLP inputs and the down projection)."""
-    return [config["hidden_size"], config["intermediate_size"]]
+    """in_features of the Linear layers that get quantized: attention/MLP inputs, the down projection, and
+    the output projection (heads x head_dim, which is not the hidden size in Gemma 3 or Qwen3)."""
+    hidden, heads = config["hidden_size"], config.get("num_attention_heads")
+    widths = [hidden, config["intermediate_size"]]
+    if heads:
+        o_proj = heads * (config.get("head_dim") or hidden // heads)
+        widths += [o_proj] if o_proj not in widths else []
+    return widths
 
 
 def choose_group_size(config: dict, requested: int | None) -> int:

@@ -2,7 +2,8 @@
 Jinja template renders (the GGUF carries the Jinja template itself; workbench.chat knows the formats).
 
 There is no general Jinja -> Go translation. We know the Go templates of the families we support (ChatML,
-Llama 3), pick the one that renders the same text as the HF template for a set of probe conversations,
+Llama 3, Mistral, Gemma 3, Phi-3; `stop[0]` of each is the token that ends an assistant turn), pick the one
+that renders the same text as the HF template for a set of probe conversations,
 and refuse the template otherwise. The Go templates are rendered here by a small renderer of the
 constructs we emit, so the parity check runs without Ollama.
 """
@@ -60,6 +61,39 @@ FAMILIES = (
         stop=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
         system_turn=r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(?P<system>.*?)<\|eot_id\|>",
     ),
+    # Mistral Instruct (v0.3, Nemo): no system turn; the system prompt opens the last user message
+    TemplateFamily(
+        name="mistral",
+        go_template=(
+            "{{- range $i, $_ := .Messages }}"
+            "{{- if eq .Role \"user\" }}[INST]{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}\n\n"
+            "{{ end }}{{ .Content }}[/INST]"
+            "{{- else if eq .Role \"assistant\" }}{{ .Content }}</s>"
+            "{{- end }}{{- end }}"
+        ),
+        stop=("</s>", "[INST]", "[/INST]"),
+        system_turn=r"\[INST\](?P<system>.*?)\n\n",
+    ),
+    # Gemma 3: the assistant is "model"; the system prompt opens the first user turn
+    TemplateFamily(
+        name="gemma",
+        go_template=(
+            "{{- range $i, $_ := .Messages }}"
+            "{{ if eq .Role \"user\" }}<start_of_turn>user\n{{ if and $.System (eq $i 1) }}{{ $.System }}\n\n{{ end }}"
+            "{{ .Content }}<end_of_turn>\n"
+            "{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n"
+            "{{ end }}{{ end }}<start_of_turn>model\n"
+        ),
+        stop=("<end_of_turn>", "<start_of_turn>"),
+        system_turn=r"<start_of_turn>user\n(?P<system>.*?)\n\n",
+    ),
+    # Phi-3 / Phi-3.5
+    TemplateFamily(
+        name="phi3",
+        go_template="{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+        stop=("<|end|>", "<|user|>", "<|assistant|>", "<|system|>"),
+        system_turn=r"<\|system\|>\n(?P<system>.*?)<\|end\|>\n",
+    ),
 )
 
 
@@ -101,7 +135,8 @@ def ollama_template_for(tokenizer) -> OllamaTemplate:
         tried.append(f"{fam.name}: {diff}")
     raise TemplateMismatch(
         "the chat template matches no Ollama template family this stage can write ("
-        + "; ".join(tried) + "); use a ChatML or Llama 3 template (train.chat_template: chatml)"
+        + "; ".join(tried) + f"); use a template of one of these families ({', '.join(f.name for f in FAMILIES)}) "
+        "or train.chat_template: chatml"
     )
 
 
@@ -129,10 +164,10 @@ def modelfile_text(gguf_name: str, tmpl: OllamaTemplate, parameters: dict[str, o
 
 
 def parse_modelfile(text: str) -> dict:
-    """FROM / TEMPLATE / SYSTEM / PARAMETER of a Modelfile (triple-quoted values may span lines)."""
+    """FROM / ADAPTER / TEMPLATE / SYSTEM / PARAMETER of a Modelfile (triple-quoted values may span lines)."""
     out: dict = {"parameters": {}, "stop": []}
     pos = 0
-    pattern = re.compile(r'^(FROM|TEMPLATE|SYSTEM|PARAMETER)\s+(?:"""(.*?)"""|(.*?))\s*$', re.S | re.M)
+    pattern = re.compile(r'^(FROM|ADAPTER|TEMPLATE|SYSTEM|PARAMETER)\s+(?:"""(.*?)"""|(.*?))\s*$', re.S | re.M)
     for m in pattern.finditer(text):
         if text[pos:m.start()].strip():
             raise ValueError(f"Modelfile: cannot parse {text[pos:m.start()].strip()[:60]!r}")
@@ -166,10 +201,12 @@ def render_ollama(template: str, messages: list[dict], default_system: str | Non
 
 
 # ---- a Go text/template renderer for the constructs we emit -------------------------------------------
-# {{ .Field }}, {{ $.Field }}, {{ range .List }}...{{ end }}, {{ if X }}...{{ else }}...{{ end }},
-# {{ if eq .Role "user" }}, and the {{- / -}} whitespace trimming markers.
+# {{ .Field }}, {{ $.Field }}, {{ $var }}, {{ range .List }} / {{ range $i, $m := .List }}...{{ end }},
+# {{ if X }}...{{ else if Y }}...{{ else }}...{{ end }}, the functions eq, ne, and, or, not, len, slice with
+# (parenthesised) arguments, and the {{- / -}} whitespace trimming markers.
 
 _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
+_RANGE_VARS = re.compile(r"^(\$\w+)(?:\s*,\s*(\$\w+))?\s*:=\s*(.+)$", re.S)
 
 
 def render_go_template(template: str, data: dict) -> str:
@@ -194,7 +231,7 @@ def render_go_template(template: str, data: dict) -> str:
     tokens.append(("text", tail))
     tree, rest = _parse(tokens, 0, top=True)
     out: list[str] = []
-    _exec(tree, data, data, out)
+    _exec(tree, data, data, out, {})
     return "".join(out)
 
 
@@ -212,14 +249,8 @@ def _parse(tokens, i, top=False):
                 raise ValueError(f"Go template: unexpected {{{{ {val} }}}}")
             return nodes, i
         if word in ("range", "if"):
-            body, i = _parse(tokens, i + 1)
-            other = []
-            if tokens[i][1] == "else":
-                other, i = _parse(tokens, i + 1)
-            if tokens[i][1] != "end":
-                raise ValueError(f"Go template: {{{{ {val} }}}} is not closed by {{{{ end }}}}")
-            nodes.append((word, val.split(None, 1)[1], body, other))
-            i += 1
+            node, i = _parse_block(tokens, i + 1, word, val.split(None, 1)[1])
+            nodes.append(node)
             continue
         nodes.append(("expr", val))
         i += 1
@@ -228,38 +259,120 @@ def _parse(tokens, i, top=False):
     return nodes, i
 
 
-def _value(expr: str, dot, root):
+def _parse_block(tokens, i, word, head):
+    """The body of a range/if starting at token i, its else branch (an `else if` is an if inside the else,
+    sharing its end), and the index after the closing end."""
+    body, i = _parse(tokens, i)
+    other = []
+    closing = tokens[i][1]
+    if closing.startswith("else if "):
+        nested, i = _parse_block(tokens, i + 1, "if", closing[len("else if "):])
+        return (word, head, body, [nested]), i
+    if closing == "else":
+        other, i = _parse(tokens, i + 1)
+    if tokens[i][1] != "end":
+        raise ValueError(f"Go template: {{{{ {word} {head} }}}} is not closed by {{{{ end }}}}")
+    return (word, head, body, other), i + 1
+
+
+def _split_args(expr: str) -> list[str]:
+    """Top-level arguments of an expression: quoted strings, parenthesised groups, and words."""
+    args, depth, start, quoted = [], 0, None, False
+    for k, ch in enumerate(expr + " "):
+        if quoted:
+            quoted = not (ch == '"' and expr[k - 1] != "\\")
+            continue
+        if ch == '"':
+            quoted = True
+            start = k if start is None else start
+        elif ch == "(":
+            depth += 1
+            start = k if start is None else start
+        elif ch == ")":
+            depth -= 1
+        elif ch.isspace() and depth == 0:
+            if start is not None:
+                args.append(expr[start:k])
+                start = None
+        elif start is None:
+            start = k
+    return args
+
+
+_FUNCS = {
+    "eq": lambda a, *rest: any(a == b for b in rest),
+    "ne": lambda a, b: a != b,
+    "not": lambda a: not a,
+    "len": lambda a: len(a or []),
+    "slice": lambda a, *ix: a[ix[0]:ix[1]] if len(ix) > 1 else a[ix[0] if ix else 0:],  # Go: slice x i j = x[i:j]
+}
+
+
+def _value(expr: str, dot, root, scope: dict):
     expr = expr.strip()
+    args = _split_args(expr)
+    if len(args) > 1:
+        name, rest = args[0], args[1:]
+        if name == "and":  # Go's and/or return the deciding argument, evaluating left to right
+            v = None
+            for a in rest:
+                v = _value(a, dot, root, scope)
+                if not v:
+                    return v
+            return v
+        if name == "or":
+            v = None
+            for a in rest:
+                v = _value(a, dot, root, scope)
+                if v:
+                    return v
+            return v
+        if name not in _FUNCS:
+            raise ValueError(f"Go template: unsupported function {name!r} in {expr!r}")
+        return _FUNCS[name](*(_value(a, dot, root, scope) for a in rest))
+    if expr.startswith("(") and expr.endswith(")"):
+        return _value(expr[1:-1], dot, root, scope)
     if expr.startswith('"'):
         return json.loads(expr)
-    if expr.startswith("eq "):
-        args = re.findall(r'"(?:[^"\\]|\\.)*"|\S+', expr[3:])
-        first = _value(args[0], dot, root)
-        return any(first == _value(a, dot, root) for a in args[1:])
+    if re.fullmatch(r"-?\d+", expr):
+        return int(expr)
     if expr == ".":
         return dot
-    obj, path = (root, expr[2:]) if expr.startswith("$.") else (dot, expr[1:]) if expr.startswith(".") else (None, None)
-    if path is None:
-        raise ValueError(f"Go template: unsupported expression {expr!r}")
-    for part in path.split("."):
+    if expr == "$":
+        return root
+    if re.match(r"^\$\w+", expr):
+        name, _, path = expr.partition(".")
+        if name not in scope:
+            raise ValueError(f"Go template: undefined variable {name}")
+        obj, path = scope[name], path or None
+    else:
+        obj, path = (root, expr[2:]) if expr.startswith("$.") else (dot, expr[1:]) if expr.startswith(".") else (None, None)
+        if path is None:
+            raise ValueError(f"Go template: unsupported expression {expr!r}")
+    for part in (path.split(".") if path else []):
         obj = obj.get(part) if isinstance(obj, dict) else None
     return obj
 
 
-def _exec(nodes, dot, root, out):
+def _exec(nodes, dot, root, out, scope):
     for node in nodes:
         kind = node[0]
         if kind == "text":
             out.append(node[1])
         elif kind == "expr":
-            v = _value(node[1], dot, root)
+            v = _value(node[1], dot, root, scope)
             out.append("" if v is None else str(v))
         elif kind == "if":
-            _exec(node[2] if _value(node[1], dot, root) else node[3], dot, root, out)
+            _exec(node[2] if _value(node[1], dot, root, scope) else node[3], dot, root, out, scope)
         elif kind == "range":
-            items = _value(node[1], dot, root) or []
-            if items:
-                for item in items:
-                    _exec(node[2], item, root, out)
-            else:
-                _exec(node[3], dot, root, out)
+            names = _RANGE_VARS.match(node[1])
+            items = _value(names.group(3) if names else node[1], dot, root, scope) or []
+            if not items:
+                _exec(node[3], dot, root, out, scope)
+            for k, item in enumerate(items):
+                inner = dict(scope)
+                if names and names.group(2):
+                    inner[names.group(1)], inner[names.group(2)] = k, item
+                elif names:
+                    inner[names.group(1)] = item
+                _exec(node[2], item, root, out, inner)

@@ -114,10 +114,13 @@ def _cross_section_problems(data: dict, lines: dict[tuple, int], name: str) -> l
     if isinstance(quantize, dict) and isinstance(base, dict):
         # an architecture the quantize stage cannot handle fails here, not after an hour of training
         targets = quantize.get("targets") or []
-        needs_gguf = any(isinstance(t, dict) and t.get("kind") == "gguf" for t in targets)
+        kinds = {t.get("kind") for t in targets if isinstance(t, dict)}
         where = SimpleNamespace(path=base.get("path"), hub_id=base.get("hub_id"), revision=base.get("revision"))
         config = read_model_config(where)
-        problem = architecture_problem(config, needs_gguf=needs_gguf) if config else None
+        awq = next((t for t in targets if isinstance(t, dict) and t.get("kind") == "awq"), {})
+        group = awq.get("group_size") if isinstance(awq.get("group_size"), int) else None
+        problem = architecture_problem(config, needs_gguf=bool(kinds & {"gguf", "gguf_adapter"}),
+                                       needs_awq="awq" in kinds, awq_group_size=group) if config else None
         if problem:
             problems.append(Problem(name, _nearest_line(lines, ("base_model",)), "base_model", problem))
     return problems

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pull", help="download one format of a version, verify every sha256, write launch lines")
     pl.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    pl.add_argument("--format", required=True, help="adapter | merged | awq | gguf:<TYPE> (e.g. gguf:Q4_K_M)")
+    pl.add_argument("--format", required=True, help="adapter | merged | awq | gguf:<TYPE> (e.g. gguf:Q4_K_M) | gguf_adapter")
     pl.add_argument("--dest", required=True, help="directory to write into")
     _store_args(pl)
 

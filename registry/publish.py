@@ -152,7 +152,7 @@ def read_passed_verdict(ws: Workspace) -> dict[str, Any]:
 def collect_parts(ws: Workspace, keep_merged: bool) -> dict[str, tuple[Path, dict[str, Any]]]:
     """published path -> (local file, {"size", "sha256"}), every file re-verified against its stage manifest."""
     layout = [("train", "adapter/", "adapter/"), ("eval_gate", "", "gate/"),
-              ("quantize", "gguf/", "gguf/"), ("quantize", "awq/", "awq/")]
+              ("quantize", "gguf/", "gguf/"), ("quantize", "gguf_adapter/", "gguf_adapter/"), ("quantize", "awq/", "awq/")]
     if keep_merged:
         layout.insert(1, ("quantize", "merged/", "merged/"))
     parts: dict[str, tuple[Path, dict[str, Any]]] = {}

@@ -18,12 +18,12 @@ from .files import SHA256_MANIFEST, verify_files
 from .promote import download_version, load_sha_manifest
 from .store import COMPLETE, STATUS_TAG, get_version, parse_model_uri
 
-FORMATS = ("adapter", "merged", "awq", "gguf:<TYPE>")
+FORMATS = ("adapter", "merged", "awq", "gguf:<TYPE>", "gguf_adapter")
 
 
 def format_paths(fmt: str, files: dict) -> list[str]:
     """The published paths (files or directory prefixes) that make up one serving format."""
-    if fmt in ("adapter", "merged", "awq"):
+    if fmt in ("adapter", "merged", "awq", "gguf_adapter"):
         return [f"{fmt}/"]
     m = re.fullmatch(r"gguf:([A-Za-z0-9_]+)", fmt)
     if m:
@@ -35,7 +35,7 @@ def format_paths(fmt: str, files: dict) -> list[str]:
 
 
 def available_formats(files: dict) -> list[str]:
-    out = [d for d in ("adapter", "merged", "awq") if any(k.startswith(d + "/") for k in files)]
+    out = [d for d in ("adapter", "merged", "awq", "gguf_adapter") if any(k.startswith(d + "/") for k in files)]
     out += [f"gguf:{m.group(1)}" for k in sorted(files) if (m := re.fullmatch(r"gguf/model-(.+)\.gguf", k))]
     return out
 
@@ -114,6 +114,11 @@ def launch_lines(name: str, mv, fmt: str, dest: Path) -> list[str]:
     if fmt == "awq":
         return ["# vLLM (AWQ W4A16, compressed-tensors)",
                 f"vllm serve {q(str(dest / 'awq'))} --quantization compressed-tensors --served-model-name {q(name)}"]
+    if fmt == "gguf_adapter":
+        d = dest / "gguf_adapter"
+        return ["# llama.cpp (F16 base + GGUF LoRA adapter, applied at load time)",
+                f"llama-server -m {q(str(d / 'base-F16.gguf'))} --lora {q(str(d / 'adapter-F16.gguf'))} --jinja",
+                "# Ollama (the Modelfile's FROM + ADAPTER)", f"ollama create {q(name.lower())} -f {q(str(d / 'Modelfile'))}"]
     qtype = fmt.split(":", 1)[1]
     gguf = dest / "gguf" / f"model-{qtype}.gguf"
     lines = ["# llama.cpp", f"llama-server -m {q(str(gguf))} --jinja"]

@@ -14,8 +14,8 @@ from .workspace import StageError
 
 CHATML_PATH = Path(__file__).with_name("chatml.jinja")  # shipped by the "*.jinja" package-data rule
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
-# The token that ends an assistant turn, by family: ChatML (SmolLM2, Qwen), Llama 3, Phi-3.
-END_OF_TURN_TOKENS = (CHATML_END, "<|eot_id|>", "<|end|>")
+# The token that ends an assistant turn, by family: ChatML (SmolLM2, Qwen), Llama 3, Gemma, Phi-3.
+END_OF_TURN_TOKENS = (CHATML_END, "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*(?:generation|endgeneration)\s*-?%\}")
 

@@ -9,17 +9,9 @@ from pydantic_core import PydanticCustomError
 
 from .common import StrictModel
 
-# What llama.cpp's quantizer makes from an F16 file without an importance matrix. F16 is written directly
-# (with the `gguf` package) and is the parent of every other type.
+# What llama.cpp's quantizer makes from an F16 file without an importance matrix. F16 is written by llama.cpp's
+# own converter and is the parent of every other type.
 GGUF_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
-
-# HF architecture -> GGUF architecture written by the quantize stage. The Llama family only: these share
-# one tensor layout (Qwen2 adds q/k/v biases); anything else needs its own converter.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-}
 
 AUTOAWQ_REFUSAL = (
     "engine 'autoawq' is not supported: AutoAWQ is archived upstream, silently corrupts weights on CPU "
@@ -50,6 +42,13 @@ class GGUFTarget(StrictModel):
         return ["F16"] + [t for t in v if t != "F16"]
 
 
+class GGUFAdapterTarget(StrictModel):
+    """The LoRA adapter as a GGUF adapter (llama.cpp's convert_lora_to_gguf.py) beside an F16 GGUF of the
+    unmerged base: llama.cpp (`--lora`) and Ollama (`ADAPTER`) apply it at load time, no merge."""
+
+    kind: Literal["gguf_adapter"]
+
+
 class AWQTarget(StrictModel):
     kind: Literal["awq"]
     engine: str = Field("llm-compressor", description="only 'llm-compressor' (AutoAWQ is refused, see docs/quantization.md)")
@@ -71,7 +70,7 @@ class AWQTarget(StrictModel):
         return v
 
 
-Target = Annotated[Union[GGUFTarget, AWQTarget], Field(discriminator="kind")]
+Target = Annotated[Union[GGUFTarget, GGUFAdapterTarget, AWQTarget], Field(discriminator="kind")]
 
 
 class QuantizeSection(StrictModel):
@@ -157,17 +156,54 @@ def read_model_config(base_model: Any) -> dict | None:
     return None
 
 
-def architecture_problem(config: dict, needs_gguf: bool) -> str | None:
-    """Why the quantize stage cannot handle a model with this config.json (None when it can)."""
+def architecture_problem(config: dict, needs_gguf: bool, needs_awq: bool = False,
+                         awq_group_size: int | None = None) -> str | None:
+    """Why the quantize stage cannot handle a model with this config.json (None when it can): an architecture
+    llama.cpp's converter does not convert (GGUF targets) or llm-compressor has no AWQ mapping for (awq), or an
+    AWQ group size that does not divide the model's Linear input widths."""
     archs = config.get("architectures") or []
     arch = archs[0] if archs else config.get("model_type", "?")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        return (f"base model architecture {arch!r} is not supported by the quantize stage; supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)} (the Llama family: SmolLM2, Llama 3, Mistral, Qwen2)")
     if needs_gguf:
-        scaling = config.get("rope_scaling") or {}
-        kind = scaling.get("rope_type") or scaling.get("type")
-        if kind not in (None, "default"):
-            return (f"base model rope_scaling type {kind!r} is not supported by the GGUF writer "
-                    "(only unscaled RoPE); drop the gguf target or use a base without rope scaling")
+        from quantize.gguf_convert import LLAMA_CPP_PYTHON, converter_architectures, missing_tools_message
+
+        known = converter_architectures()
+        if known is None:
+            return f"GGUF targets need llama.cpp's converter: {missing_tools_message()}"
+        if arch not in known:
+            return (f"base model architecture {arch!r} is not supported by llama.cpp's convert_hf_to_gguf.py "
+                    f"(llama-cpp-python {LLAMA_CPP_PYTHON}, {len(known)} architectures); drop the gguf targets "
+                    "or pick a base it converts")
+    if needs_awq:
+        known = awq_mapped_architectures()
+        if known is not None and arch not in known:
+            return (f"base model architecture {arch!r} is not supported by llm-compressor's AWQ (it has no AWQ "
+                    f"mapping for it; mapped: {', '.join(sorted(known))}); drop the awq target or pick a mapped base")
+        if "hidden_size" in config and "intermediate_size" in config:  # else the stage's preflight checks it
+            from quantize.awq import choose_group_size
+            from workbench.workspace import StageError
+
+            try:
+                choose_group_size(config, awq_group_size)
+            except StageError as exc:
+                return str(exc)
+    return None
+
+
+def awq_mapped_architectures() -> frozenset[str] | None:
+    """The architectures llm-compressor's AWQ has smoothing mappings for (its AWQ_MAPPING_REGISTRY), read from
+    its source without importing it (that imports torch); None when llm-compressor is not installed. Any other
+    architecture would get the Llama mapping, written for module names it may not have."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("llmcompressor")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    src = Path(list(spec.submodule_search_locations)[0]) / "modifiers" / "transform" / "awq" / "mappings.py"
+    if not src.is_file():
+        return None
+    for node in ast.parse(src.read_text(encoding="utf-8")).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == "AWQ_MAPPING_REGISTRY" and isinstance(node.value, ast.Dict):
+            return frozenset(k.value for k in node.value.keys if isinstance(k, ast.Constant))
     return None

@@ -60,35 +60,40 @@ def test_gguf_types_put_f16_first(make_recipe, tiny_model_dir):
     assert load_recipe(path).quantize.targets[0].types == ["F16", "Q4_K_M"]
 
 
-@pytest.mark.parametrize("config, problem", [
-    ({"architectures": ["LlamaForCausalLM"]}, None),
-    ({"architectures": ["Qwen2ForCausalLM"]}, None),
-    ({"architectures": ["MistralForCausalLM"]}, None),
-    ({"architectures": ["GPT2LMHeadModel"]}, "'GPT2LMHeadModel' is not supported"),
-    ({"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "yarn"}}, "rope_scaling type 'yarn'"),
+@pytest.mark.parametrize("config, needs_awq, problem", [
+    ({"architectures": ["LlamaForCausalLM"]}, True, None),
+    ({"architectures": ["Qwen2ForCausalLM"]}, True, None),
+    ({"architectures": ["MistralForCausalLM"]}, True, None),
+    ({"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "yarn"}}, True, None),
+    ({"architectures": ["GPT2LMHeadModel"]}, False, None),  # llama.cpp's converter has GPT-2 ...
+    ({"architectures": ["GPT2LMHeadModel"]}, True, "'GPT2LMHeadModel' is not supported by llm-compressor's AWQ"),  # AWQ not
+    ({"architectures": ["OPTForCausalLM"]}, False, "'OPTForCausalLM' is not supported by llama.cpp's convert_hf_to_gguf.py"),
 ])
-def test_architecture_problem(config, problem):
+def test_architecture_problem(config, needs_awq, problem):
     from recipes.sections.quantize import architecture_problem
 
-    found = architecture_problem(config, needs_gguf=True)
+    found = architecture_problem(config, needs_gguf=True, needs_awq=needs_awq)
     assert (found is None) if problem is None else (problem in found)
 
 
 def test_unsupported_architecture_fails_before_any_work(tmp_path, smollm2_dir):
-    """A GPT-2 base: refused when the recipe is loaded (so by `wb validate` too), before any stage work."""
+    """An OPT base (llama.cpp's converter has no OPT): refused when the recipe is loaded (so by `wb validate`
+    too), before any stage work."""
     import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    base = tmp_path / "gpt2-base"
+    base = tmp_path / "opt-base"
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=256)).save_pretrained(base)
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=256)).save_pretrained(base)
     tok.save_pretrained(base)
-    recipe = write_recipe(tmp_path, base, "gpt2")
+    recipe = write_recipe(tmp_path, base, "opt")
     proc = run_quantize(recipe)
     assert proc.returncode == 2
-    assert "base_model: base model architecture 'GPT2LMHeadModel' is not supported" in proc.stderr
-    assert not (tmp_path / "runs" / "gpt2").exists()
+    assert "base_model: base model architecture 'OPTForCausalLM' is not supported" in proc.stderr
+    assert "convert_hf_to_gguf.py" in proc.stderr
+    assert not (tmp_path / "runs" / "opt").exists()
 
 
 def test_untranslatable_chat_template_fails_before_any_work(tmp_path, tiny_model_dir):
@@ -354,38 +359,3 @@ def test_unloadable_gguf_is_a_stage_error(tmp_path):
     junk.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(StageError, match="junk.gguf"):
         run_llama("quantize", junk, output=str(tmp_path / "out.gguf"), type="Q8_0")
-
-
-# ---- the real SmolLM2 ----------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_gguf_writer_matches_transformers_for_other_llama_family_models(arch, tmp_path, tiny_model_dir):
-    """Qwen2 (own GGUF architecture, q/k/v biases, untied output) and Mistral (written as llama): the F16 GGUF
-    must continue a prompt exactly like transformers does."""
-    import torch
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from quantize.gguf_export import gguf_summary, write_f16_gguf
-    from quantize.parity import greedy_gguf, greedy_hf
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = CHATML_TEMPLATE
-    cls, cfg_cls = (Qwen2ForCausalLM, Qwen2Config) if arch == "qwen2" else (MistralForCausalLM, MistralConfig)
-    cfg = cfg_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(1)
-    model = cls(cfg)
-    with torch.no_grad():  # larger weights than the init so that greedy choices are not near-ties
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(8)
-    model_dir = tmp_path / arch
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    out = tmp_path / f"{arch}.gguf"
-    write_f16_gguf(model_dir, out, CHATML_TEMPLATE, name=arch)
-    summary = gguf_summary(out)
-    assert summary["fields"]["general.architecture"] == {"qwen2": "qwen2", "mistral": "llama"}[arch]
-    prompt = tok("import json\nwith open(path) as f:", add_special_tokens=False).input_ids
-    assert greedy_gguf(out, prompt, 8) == greedy_hf(model_dir, prompt, 8)

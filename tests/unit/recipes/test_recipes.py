@@ -138,10 +138,11 @@ def test_wb_validate_exit_codes_and_no_torch_import(tmp_path):
 
 
 def test_unsupported_architecture_fails_at_validation(tmp_path, make_recipe):
-    base = tmp_path / "gpt2"
+    # llama.cpp's converter has no OPT (the demo recipe has a gguf target)
+    base = tmp_path / "opt"
     base.mkdir()
-    (base / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    (base / "config.json").write_text('{"architectures": ["OPTForCausalLM"], "model_type": "opt"}')
     (base / "model.safetensors").write_bytes(b"weights")
     path = make_recipe(base_dir=base)
-    with pytest.raises(RecipeError, match=r"base_model: base model architecture 'GPT2LMHeadModel' is not supported"):
+    with pytest.raises(RecipeError, match=r"base_model: base model architecture 'OPTForCausalLM' is not supported"):
         load_recipe(path)
