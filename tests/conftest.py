@@ -87,12 +87,13 @@ def build_tiny_llama(out: Path, tokenizer_dir: Path, **config) -> Path:
     return out
 
 
-def write_recipe(root: Path, name: str, base_dir: Path | None = None, **overrides) -> Path:
-    """A copy of the demo recipe at root/<name>.yaml with its workspace in root/runs and `overrides` merged in
-    (nested dicts merge; lists and scalars replace). Usable from fixtures of any scope."""
+def write_recipe(root: Path, name: str, base_dir: Path | None = None, source: Path = DEMO_RECIPE,
+                 **overrides) -> Path:
+    """A copy of the demo recipe (or `source`) at root/<name>.yaml with its workspace in root/runs and `overrides`
+    merged in (nested dicts merge; lists and scalars replace). Usable from fixtures of any scope."""
     from workbench.base import weight_hashes
 
-    data = yaml.safe_load(DEMO_RECIPE.read_text())
+    data = yaml.safe_load(Path(source).read_text())
     data["name"] = name
     data["workspace"] = str(root / "runs")
     if base_dir is not None:

@@ -4,8 +4,8 @@ On a CUDA GPU the default is the fast path: bf16 weights and compute, conversati
 padding (trl's best-fit-decreasing packing + padding_free, so attention sees per-sequence position_ids and no
 pad token is ever computed), flash-attention 2 when installed else flex attention, Liger's fused Triton
 kernels (RMSNorm, RoPE, SwiGLU) when installed, and no gradient checkpointing when the activations of one
-micro-batch fit in memory (recomputing them costs about a third of the step). On CPU: float32, padded
-batches, sdpa, no checkpointing.
+micro-batch fit in memory (recomputing them costs about a third of the step). On CPU: bfloat16 where the CPU has
+bfloat16 matrix units (else float32), padded batches, sdpa, no checkpointing.
 """
 from __future__ import annotations
 
@@ -45,10 +45,12 @@ def plan_run(section, model_config) -> RunPlan:
 
     check_machine(section)
     cuda = torch.cuda.is_available()
-    if cuda:
+    if section.precision != "auto":
+        dtype = section.precision
+    elif cuda:
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     else:
-        dtype = "float32"
+        dtype = "bfloat16" if cpu_has_bf16_units() else "float32"
 
     packing = cuda if section.packing == "auto" else section.packing
 
@@ -80,6 +82,17 @@ def plan_run(section, model_config) -> RunPlan:
         device="cuda" if cuda else "cpu", dtype=dtype, packing=packing, attention=attention,
         gradient_checkpointing=checkpointing, liger_kernels=liger, compile=section.compile and cuda,
     )
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles or AVX512-BF16): there a bfloat16
+    matmul is several times faster than a float32 one; elsewhere it is emulated and slower."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # a torch without these probes
+        return False
 
 
 def _activations_fit(section, cfg, packing: bool) -> bool:

@@ -14,7 +14,8 @@ class TrainSection(StrictModel):
 
     The `auto` settings pick the fast path for the machine: on a CUDA GPU bf16, packed padding-free batches,
     flash/flex attention, Liger kernels when installed and no gradient checkpointing when activations fit;
-    on CPU float32, padded batches, sdpa, and no checkpointing (memory is plentiful, recompute is not).
+    on CPU bfloat16 where the CPU has bfloat16 matrix units (else float32), padded batches, sdpa, and no
+    checkpointing (memory is plentiful, recompute is not).
     """
 
     method: Literal["lora", "qlora", "dora"] = Field(
@@ -48,6 +49,9 @@ class TrainSection(StrictModel):
         64, ge=0, description="held-out text records scored for base vs fine-tune perplexity (0 = skip)"
     )
     # Speed knobs; `auto` chooses per machine (see the class docstring).
+    precision: Auto | Literal["float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on a CUDA GPU that has it and on a CPU with bfloat16 matrix units "
+                            "(AMX or AVX512-BF16), float16 on older GPUs, float32 otherwise")
     packing: Auto | bool = Field("auto", description="pack conversations padding-free (best-fit decreasing)")
     attention: Auto | Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     gradient_checkpointing: Auto | bool = "auto"

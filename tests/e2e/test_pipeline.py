@@ -46,7 +46,7 @@ def pipeline_recipe(tmp_path, make_recipe, tiny_model_dir):
                "heldout_max_records": 8},
         quantize={"targets": [{"kind": "gguf", "types": ["F16", "Q8_0"]},
                               {"kind": "awq", "calibration_samples": 8, "calibration_max_len": 64}]},
-        eval_gate={"golden": {"min_pass_rate": 0.0, "min_mean_score": 0.0, "max_new_tokens": 8},
+        eval_gate={"golden": {"min_pass_rate": 0.0, "min_mean_score": 0.0, "max_new_tokens": 8, "min_gain_over_base": None},
                    "perplexity": {"margin": 0.0, "max_records": 8, "max_tokens": 64},
                    "drift": {"max_tokens": 64, "limits": {"F16": drift, "Q8_0": drift, "awq": drift}},
                    "safety": {"refusal_tolerance": 1.0, "max_new_tokens": 8}},
