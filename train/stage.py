@@ -76,7 +76,7 @@ def setup(recipe: Recipe, ws: Workspace, store, state) -> Session:
     from workbench.base import resolve_base
     from workbench.chat import CHATML_END, resolve_chat_template
 
-    from .build import load_base_model, lora_config, sft_config
+    from .build import load_base_model, lora_config, prepare_trainer, sft_config
     from .checkpoints import PromoteCheckpoints
     from .data import load_split
     from .fast_path import check_fast_path, plan_run
@@ -113,7 +113,8 @@ def setup(recipe: Recipe, ws: Workspace, store, state) -> Session:
     )
     counter = TokenCounter(trainer.data_collator)  # composition: the collator is wrapped, not subclassed
     trainer.data_collator = counter
-    logger = MetricsLogger(run_id, counter, plan.device, state.num_processes)
+    prepare_trainer(trainer, section, plan)  # the token budget pads outside the counter: padding is never counted
+    logger = MetricsLogger(run_id, counter, plan.device, state.num_processes, compiled=plan.compile)
     trainer.add_callback(PromoteCheckpoints(store, section.keep_checkpoints))
     trainer.add_callback(logger)
     return Session(recipe, state, store, base_dir, plan, tokenizer, trainer, counter, logger, heldout, run_id,
@@ -122,11 +123,11 @@ def setup(recipe: Recipe, ws: Workspace, store, state) -> Session:
 
 def fit(s: Session) -> dict[str, Any]:
     """Score the base, train, score the fine-tune. Returns the results every output is made from."""
-    from .build import evaluation_attention
+    from .build import evaluation_mode
     from .tracking import peak_memory_mib
 
     trainer = s.trainer
-    with trainer.model.disable_adapter(), evaluation_attention(trainer.model, s.plan):
+    with trainer.model.disable_adapter(), evaluation_mode(trainer.model, s.plan):
         base_eval = trainer.evaluate(metric_key_prefix="base_eval")["base_eval_loss"]
         base_heldout = _heldout_perplexity(s)
     if s.state.is_main_process and s.resume_from is not None:
@@ -134,7 +135,7 @@ def fit(s: Session) -> dict[str, Any]:
     s.counter.reset()  # count training batches only, not the evaluation above
     result = trainer.train(resume_from_checkpoint=str(s.resume_from) if s.resume_from else None)
     trained = s.counter.state()
-    with evaluation_attention(trainer.model, s.plan):
+    with evaluation_mode(trainer.model, s.plan):
         final_eval = trainer.evaluate()["eval_loss"]
         heldout = _heldout_perplexity(s)
     history = trainer.state.log_history
@@ -147,7 +148,7 @@ def fit(s: Session) -> dict[str, Any]:
         "tokens_per_s": _median(s.logger.tokens_per_s), "peak_memory_mib": peak_memory_mib(s.plan.device),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "resumed_from_step": int(s.resume_from.name.rsplit("-", 1)[1]) if s.resume_from else None,
-        "world_size": s.state.num_processes, "ranks": _gather_ranks(s.state, trained),
+        "world_size": s.state.num_processes, "ranks": _gather_ranks(s.state, trained), **s.logger.timing(),
     }
 
 

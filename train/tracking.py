@@ -52,21 +52,62 @@ def peak_memory_mib(device: str) -> float:
 
 
 class MetricsLogger(TrainerCallback):
-    """On every log: loss, lr, grad norm, tokens/s and peak memory to MLflow (main process) and to a history."""
+    """On every log: loss, lr, grad norm, tokens/s and peak memory to MLflow (main process) and to a history.
+    Every optimizer step is timed, and with compiled layers what compiling cost (`timing()`)."""
 
-    def __init__(self, run_id: str | None, counter: TokenCounter, device: str, world_size: int):
+    def __init__(self, run_id: str | None, counter: TokenCounter, device: str, world_size: int,
+                 compiled: bool = False):
         self.run_id, self.counter, self.device, self.world_size = run_id, counter, device, world_size
         self.history: list[dict] = []
         self._last_time = None
         self._last_tokens = 0
         self.tokens_per_s: list[float] = []
+        self.step_seconds: list[float] = []
+        self._step_start = 0.0
+        self._compile_log = None
+        self._frames_after_first_step = 0
+        if compiled:
+            from .compiling import CompileLog
+
+            self._compile_log = CompileLog()
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time, self._last_tokens = time.perf_counter(), self.counter.tokens
+        if self._compile_log is not None:
+            self._compile_log.start()
         if self.device == "cuda":
             import torch
 
             torch.cuda.reset_peak_memory_stats()  # the peak of training, not of loading and scoring the base
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        self.step_seconds.append(time.perf_counter() - self._step_start)
+        if len(self.step_seconds) == 1 and self._compile_log is not None:
+            self._frames_after_first_step = self._compile_log.frames()
+
+    def timing(self) -> dict:
+        """Step times (the first, which compiles, apart) and, with compiled layers, the compile's frames,
+        recompiles and seconds. `compiles_after_first_step` is 0 when every step reused the first step's graphs."""
+        from .compiling import step_summary
+
+        out = step_summary(self.step_seconds)
+        if self._compile_log is not None:
+            log = self._compile_log.summary()
+            out.update({"compile_s": log["seconds"], "compile_frames": log["frames"],
+                        "compiles_after_first_step": log["frames"] - self._frames_after_first_step,
+                        "recompile_reasons": log["recompile_reasons"]})
+        return out
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()  # step times of the GPU's work, not of the kernel launches
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
