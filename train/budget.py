@@ -68,7 +68,8 @@ class TokenBudget:
         out["position_ids"] = torch.cat([batch["position_ids"], positions[None].to(batch["position_ids"].dtype)], 1)
         if "seq_idx" in batch:  # trl's per-token conversation index (for linear-attention layers)
             first = int(batch["seq_idx"].max()) + 1 if batch["seq_idx"].numel() else 0
-            idx = torch.cat([torch.zeros(0, dtype=torch.long), *(torch.full((n,), first + i) for i, n in enumerate(pieces))])
+            idx = [torch.full((n,), first + i) for i, n in enumerate(pieces)]
+            idx = torch.cat([torch.zeros(0, dtype=torch.long), *idx])
             out["seq_idx"] = torch.cat([batch["seq_idx"], idx[None].to(batch["seq_idx"].dtype)], 1)
         out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
         out["max_length_q"] = out["max_length_k"] = self.max_seq_len

@@ -17,7 +17,11 @@ _DIGEST_LEN = 36
 
 
 class TokenCounter:
-    """Wraps the trainer's data collator (composition, not a subclass) to count the tokens each batch carries."""
+    """Wraps the trainer's data collator (composition, not a subclass) to count the tokens each batch carries.
+
+    It counts what the collator it wraps returns: it sits inside the token budget (train/budget.py), which pads
+    the batch after counting, so budget padding is never counted as data.
+    """
 
     def __init__(self, collator):
         self.collator = collator
@@ -63,7 +67,8 @@ class MetricsLogger(TrainerCallback):
         self._last_tokens = 0
         self.tokens_per_s: list[float] = []
         self.step_seconds: list[float] = []
-        self._step_start = 0.0
+        self.step_tokens: list[int] = []  # this rank's real (non-padding) input tokens of every step
+        self._step_start, self._step_start_tokens = 0.0, 0
         self._compile_log = None
         self._frames_after_first_step = 0
         if compiled:
@@ -78,24 +83,27 @@ class MetricsLogger(TrainerCallback):
         if self.device == "cuda":
             import torch
 
-            torch.cuda.reset_peak_memory_stats()  # the peak of training, not of loading and scoring the base
-
-    def on_step_begin(self, args, state, control, **kwargs):
+            torch.cuda.reset_peak_memory_stats()  # the peak of training, not of loading the base
         self._sync()
-        self._step_start = time.perf_counter()
+        self._step_start, self._step_start_tokens = time.perf_counter(), self.counter.tokens
 
     def on_step_end(self, args, state, control, **kwargs):
+        # from one step's end to the next: the whole step, its batch's collation and the optimizer included
         self._sync()
-        self.step_seconds.append(time.perf_counter() - self._step_start)
+        now = time.perf_counter()
+        self.step_seconds.append(now - self._step_start)
+        self.step_tokens.append(self.counter.tokens - self._step_start_tokens)
+        self._step_start, self._step_start_tokens = now, self.counter.tokens
         if len(self.step_seconds) == 1 and self._compile_log is not None:
             self._frames_after_first_step = self._compile_log.frames()
 
     def timing(self) -> dict:
-        """Step times (the first, which compiles, apart) and, with compiled layers, the compile's frames,
-        recompiles and seconds. `compiles_after_first_step` is 0 when every step reused the first step's graphs."""
+        """Step times (the first, which compiles, apart), this rank's real tokens of every step and, with compiled
+        layers, the compile's frames, recompiles and seconds. `compiles_after_first_step` is 0 when every step
+        reused the first step's graphs."""
         from .compiling import step_summary
 
-        out = step_summary(self.step_seconds)
+        out = {**step_summary(self.step_seconds), "step_tokens": self.step_tokens}
         if self._compile_log is not None:
             log = self._compile_log.summary()
             out.update({"compile_s": log["seconds"], "compile_frames": log["frames"],

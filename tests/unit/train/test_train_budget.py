@@ -93,6 +93,7 @@ def test_compiled_layers_compile_once_over_varied_packing_and_recompile_without_
     # the packing varies (rows of different lengths and conversation counts); the shapes do not
     ranks = metrics["ranks"][0]
     assert ranks["batches"] >= 8 and 0 < ranks["tokens"] < ranks["batches"] * 2 * 96  # real tokens: no padding
+    assert len(metrics["step_tokens"]) == 8 and len(set(metrics["step_tokens"])) > 2
     # everything compiles in the first step: two graphs, since the first layer's input needs no gradient and the
     # others' do; then none
     assert metrics["compile_frames"] >= 1 and metrics["compiles_after_first_step"] == 0, metrics

@@ -254,3 +254,38 @@ def test_gpu_fast_path_plan_packs_without_crossing_and_trains(tmp_path):
         assert frames_after_first[0] >= 1 and log.frames() == frames_after_first[0], log.summary()
     with evaluation_mode(trainer.model, plan):
         assert trainer.evaluate()["eval_loss"] < losses[0]
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_kernel_matches_sdpa_per_conversation_with_padded_cu_seq_lens():
+    """torch's varlen flash kernels as the fixed token budget calls them: bf16, GQA (native where torch has
+    enable_gqa, else repeated K/V), zero-length conversations at the end of cu_seq_lens, a constant max length
+    above every conversation's. Output and gradients match sdpa run on each conversation alone (fp32)."""
+    import torch
+    import torch.nn.functional as F
+
+    from train.attention import register_varlen, varlen_attention
+
+    register_varlen()
+    torch.manual_seed(0)
+    lens = [700, 1, 129, 2048 - 830]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()] + [2048] * 4, dtype=torch.int32, device="cuda")
+    total, hq, hkv, dim = 2048, 32, 8, 64
+    q, k, v = (torch.randn(1, h, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (hq, hkv, hkv))
+    out, _ = varlen_attention(None, q, k, v, None, scaling=dim ** -0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                              max_length_q=2048, max_length_k=2048)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if e > s:
+            ref.append(F.scaled_dot_product_attention(q2[:, :, s:e], k2[:, :, s:e], v2[:, :, s:e], is_causal=True,
+                                                      enable_gqa=True).transpose(1, 2))
+    ref = torch.cat(ref, dim=1)
+    ref.backward(grad.float())
+    assert out.shape == (1, total, hq, dim)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
