@@ -1,6 +1,6 @@
 #!/bin/bash
-# The GPU check of the train stage, as one run (about 7 minutes on one H200, estimated; nothing here was run on a
-# GPU yet):
+# The GPU check of the train stage, as one run (about 7 minutes on one H200, at most about 8.5: estimated, nothing
+# here has run on a GPU yet):
 #   1. the GPU tests of the packed path: torch's varlen kernels against sdpa per conversation (bf16, GQA, padded
 #      cu_seq_lens), and the `auto` plan training a tiny model through varlen + compiled layers (compiles in the
 #      first step only, the loss falls);
@@ -49,7 +49,7 @@ print({m: bool(u.find_spec(m)) for m in ['bitsandbytes', 'liger_kernel', 'flash_
 status=0
 if [ -z "$CONFIGS" ]; then
   echo "== 1. GPU tests (tests/unit/train/test_train_packing.py -m gpu)"
-  timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/unit/train/test_train_packing.py 2>&1 \
+  timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/unit/train/test_train_packing.py 2>&1 \
     | tee "$OUT_DIR/gpu_tests.log" | tail -15 || status=1
 fi
 
@@ -76,5 +76,5 @@ else:
           f"peak {r['peak_mem_gib']} GiB")
     sys.exit(0 if falls and r["adapter_saved"] else 1)
 EOF
-echo "gpu_check: done, status $status (results in $OUT_DIR)"
+echo "gpu_check: done in ${SECONDS} s, status $status (results in $OUT_DIR)"
 exit $status

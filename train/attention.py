@@ -30,13 +30,12 @@ def torch_has_varlen() -> bool:
 
 def register_varlen() -> None:
     """Make `attn_implementation="varlen"` loadable (idempotent); on a CPU, give torch's op its reference kernel."""
+    import torch
     from transformers import AttentionInterface
 
+    from workbench.workspace import StageError
+
     if not torch_has_varlen():
-        from workbench.workspace import StageError
-
-        import torch
-
         raise StageError(f"train.attention: varlen needs torch.nn.attention.varlen (torch >= 2.10); this is torch "
                          f"{torch.__version__}")
     AttentionInterface.register(NAME, varlen_attention)
