@@ -32,7 +32,7 @@ OUT_DIR="${OUT:-bench/results}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -z "$TINY" ] && ls .whl/*.whl >/dev/null 2>&1; then  # the GPU machine's wheels (--tiny runs here)
   SITE=$(mktemp -d)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     || { echo "gpu_check: installing .whl/ failed"; exit 1; }
