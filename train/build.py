@@ -1,6 +1,7 @@
 """The pieces of a training run that the stage and the throughput benchmark share, so the benchmark measures
 exactly what `accelerate launch train RECIPE` runs: model loading (dtype, attention, Liger, 4-bit), the peft
-config and the SFTConfig."""
+config, the SFTConfig, and what is done to trl's trainer once it exists (the fixed token budget around its
+collator, the compiled decoder layers)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -12,6 +13,10 @@ def load_base_model(base_dir: Path, section, plan, device_index: int = 0):
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, plan.dtype)
+    if plan.attention == "varlen":
+        from .attention import register_varlen
+
+        register_varlen()
     kwargs = {"dtype": dtype, "attn_implementation": plan.attention}
     if plan.device == "cuda":
         kwargs["device_map"] = {"": device_index}
@@ -55,7 +60,7 @@ def sft_config(section, plan, output_dir: Path, seed: int, is_main: bool, eos_to
         bf16=plan.dtype == "bfloat16", fp16=plan.dtype == "float16", use_cpu=plan.device == "cpu",
         gradient_checkpointing=plan.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
-        torch_compile=plan.compile,
+        torch_compile=False,  # the decoder layers are compiled one by one (prepare_trainer), not the whole model
         max_length=section.max_seq_len, assistant_only_loss=section.assistant_only_loss,
         # best-fit-decreasing packing into rows of max_seq_len, flattened without padding (position_ids mark
         # where each conversation starts, so attention never crosses one)
@@ -71,21 +76,49 @@ def sft_config(section, plan, output_dir: Path, seed: int, is_main: bool, eos_to
     )
 
 
+def prepare_trainer(trainer, section, plan) -> None:
+    """After trl built the trainer (and peft the adapters): pad every packed batch to the token budget and compile
+    the decoder layers, as the plan says. The collator is wrapped, not replaced: trl's padding-free collator
+    still builds every batch (trl refuses a custom one with padding_free)."""
+    if plan.token_budget:
+        from .budget import TokenBudget, max_conversations_per_row
+
+        pad_id = getattr(trainer.processing_class, "pad_token_id", None)
+        trainer.data_collator = TokenBudget(
+            trainer.data_collator, rows=section.batch_size, max_seq_len=section.max_seq_len,
+            max_conversations_per_row=max_conversations_per_row(trainer.train_dataset, trainer.eval_dataset),
+            pad_token_id=0 if pad_id is None else pad_id,
+        )
+    if plan.compile:
+        from .compiling import compile_decoder_layers
+
+        compile_decoder_layers(trainer.model, plan.compile_backend)
+
+
 @contextmanager
-def evaluation_attention(model, plan):
-    """Score without gradients through sdpa when training runs on flex attention.
+def evaluation_mode(model, plan):
+    """Score without gradients: through sdpa when training runs on flex attention, and with the layers eager
+    when they are compiled for training.
 
     Flex attention's kernels are compiled for training rows; under no_grad, short rows take its decoding kernel,
     which failed to compile on an H200 (torch 2.11: NoValidChoicesError for a 4 x 120-token batch). Evaluation
     gains nothing from flex: sdpa gives the same values (packed rows keep their per-conversation mask, since trl
-    calls the model with use_cache=False) and needs no compilation.
+    calls the model with use_cache=False) and needs no compilation. varlen attention needs no compilation
+    either and evaluates as it trains. Compiled layers would compile a graph of their own for gradient-free
+    scoring of a few batches: they run eagerly instead, so training's graph stays the only one.
     """
-    if plan.attention != "flex_attention":
-        yield
-        return
+    import torch
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation("sdpa")
+    flex = plan.attention == "flex_attention"
+    if flex:
+        base.set_attn_implementation("sdpa")
     try:
-        yield
+        if plan.compile:
+            with torch.compiler.set_stance("force_eager"):
+                yield
+        else:
+            yield
     finally:
-        base.set_attn_implementation(plan.attention)
+        if flex:
+            base.set_attn_implementation(plan.attention)

@@ -1,8 +1,8 @@
 """`accelerate launch train RECIPE`: LoRA / DoRA / QLoRA supervised fine-tuning of the pinned base on clean/.
 
 Read top to bottom: setup (data, tokenizer + chat template, how to run on this machine, base model, MLflow run,
-trl's SFTTrainer with a peft config) -> fit (score the base, train resuming from the newest complete checkpoint,
-score the fine-tune) -> save (the main process writes adapter/, metrics.json, loss.png, MLflow and the manifest).
+trl's SFTTrainer with a peft config) -> fit (train resuming from the newest complete checkpoint, score the
+fine-tune and the base) -> save (the main process writes adapter/, metrics.json, loss.png, MLflow and the manifest).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def setup(recipe: Recipe, ws: Workspace, store, state) -> Session:
     from workbench.base import resolve_base
     from workbench.chat import CHATML_END, resolve_chat_template
 
-    from .build import load_base_model, lora_config, sft_config
+    from .build import load_base_model, lora_config, prepare_trainer, sft_config
     from .checkpoints import PromoteCheckpoints
     from .data import load_split
     from .fast_path import check_fast_path, plan_run
@@ -113,7 +113,8 @@ def setup(recipe: Recipe, ws: Workspace, store, state) -> Session:
     )
     counter = TokenCounter(trainer.data_collator)  # composition: the collator is wrapped, not subclassed
     trainer.data_collator = counter
-    logger = MetricsLogger(run_id, counter, plan.device, state.num_processes)
+    prepare_trainer(trainer, section, plan)  # the token budget pads outside the counter: padding is never counted
+    logger = MetricsLogger(run_id, counter, plan.device, state.num_processes, compiled=plan.compile)
     trainer.add_callback(PromoteCheckpoints(store, section.keep_checkpoints))
     trainer.add_callback(logger)
     return Session(recipe, state, store, base_dir, plan, tokenizer, trainer, counter, logger, heldout, run_id,
@@ -121,22 +122,27 @@ def setup(recipe: Recipe, ws: Workspace, store, state) -> Session:
 
 
 def fit(s: Session) -> dict[str, Any]:
-    """Score the base, train, score the fine-tune. Returns the results every output is made from."""
-    from .build import evaluation_attention
+    """Train, then score the fine-tune and the base. Returns the results every output is made from.
+
+    The base is scored after training, with the adapter disabled (training changes only the adapter): a
+    Trainer.evaluate() before train() prepares the model for evaluation, and accelerate then never wraps it for
+    data-parallel training, so every rank would train on its own shard without ever averaging gradients.
+    """
+    from .build import evaluation_mode
     from .tracking import peak_memory_mib
 
     trainer = s.trainer
-    with trainer.model.disable_adapter(), evaluation_attention(trainer.model, s.plan):
-        base_eval = trainer.evaluate(metric_key_prefix="base_eval")["base_eval_loss"]
-        base_heldout = _heldout_perplexity(s)
     if s.state.is_main_process and s.resume_from is not None:
         print(f"train: resuming from {s.resume_from}")
-    s.counter.reset()  # count training batches only, not the evaluation above
+    s.counter.reset()
     result = trainer.train(resume_from_checkpoint=str(s.resume_from) if s.resume_from else None)
-    trained = s.counter.state()
-    with evaluation_attention(trainer.model, s.plan):
+    trained, peak = s.counter.state(), peak_memory_mib(s.plan.device)
+    with evaluation_mode(trainer.model, s.plan):
         final_eval = trainer.evaluate()["eval_loss"]
         heldout = _heldout_perplexity(s)
+        with trainer.model.disable_adapter():
+            base_eval = trainer.evaluate(metric_key_prefix="base_eval")["base_eval_loss"]
+            base_heldout = _heldout_perplexity(s)
     history = trainer.state.log_history
     return {
         "method": s.recipe.train.method, "steps": int(trainer.state.global_step),
@@ -144,10 +150,10 @@ def fit(s: Session) -> dict[str, Any]:
         "base_eval_loss": base_eval, "base_eval_perplexity": _perplexity(base_eval),
         "eval_loss": final_eval, "eval_perplexity": _perplexity(final_eval),
         "base_heldout_perplexity": base_heldout, "heldout_perplexity": heldout,
-        "tokens_per_s": _median(s.logger.tokens_per_s), "peak_memory_mib": peak_memory_mib(s.plan.device),
+        "tokens_per_s": _median(s.logger.tokens_per_s), "peak_memory_mib": peak,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "resumed_from_step": int(s.resume_from.name.rsplit("-", 1)[1]) if s.resume_from else None,
-        "world_size": s.state.num_processes, "ranks": _gather_ranks(s.state, trained),
+        "world_size": s.state.num_processes, "ranks": _gather_ranks(s.state, trained), **s.logger.timing(),
     }
 
 

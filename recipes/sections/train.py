@@ -13,9 +13,10 @@ class TrainSection(StrictModel):
     """LoRA / QLoRA / DoRA supervised fine-tuning with trl's SFTTrainer. (Owned by train.)
 
     The `auto` settings pick the fast path for the machine: on a CUDA GPU bf16, packed padding-free batches,
-    flash/flex attention, Liger kernels when installed and no gradient checkpointing when activations fit;
-    on CPU bfloat16 where the CPU has bfloat16 matrix units (else float32), padded batches, sdpa, and no
-    checkpointing (memory is plentiful, recompute is not).
+    torch's varlen attention, compiled decoder layers over a fixed token budget per step, and no gradient
+    checkpointing when activations fit; on CPU bfloat16 where the CPU has bfloat16 matrix units (else float32),
+    padded batches, sdpa, no compile and no checkpointing (memory is plentiful, recompute is not).
+    train/fast_path.py has the rules.
     """
 
     method: Literal["lora", "qlora", "dora"] = Field(
@@ -23,7 +24,10 @@ class TrainSection(StrictModel):
     )
     r: int = Field(16, gt=0, description="LoRA rank")
     alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
+    dropout: float = Field(
+        0.05, ge=0.0, lt=1.0,
+        description="LoRA dropout; above 0 every adapted layer keeps a dropped-out copy of its input for backward",
+    )
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     learning_rate: float = Field(2e-4, gt=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
@@ -53,10 +57,16 @@ class TrainSection(StrictModel):
         "auto", description="auto: bfloat16 on a CUDA GPU that has it and on a CPU with bfloat16 matrix units "
                             "(AMX or AVX512-BF16), float16 on older GPUs, float32 otherwise")
     packing: Auto | bool = Field("auto", description="pack conversations padding-free (best-fit decreasing)")
-    attention: Auto | Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    attention: Auto | Literal["varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="varlen = torch's variable-length flash attention over packed rows (needs packing)"
+    )
     gradient_checkpointing: Auto | bool = "auto"
     liger_kernels: Auto | bool = Field("auto", description="Liger Triton kernels (CUDA, when liger-kernel is installed)")
-    compile: bool = Field(False, description="torch.compile the model (CUDA; pays off on long runs)")
+    compile: Auto | bool = Field("auto", description="torch.compile every decoder layer (auto: on a GPU with varlen)")
+    token_budget: Auto | bool = Field(
+        "auto", description="pad every packed micro-step to batch_size x max_seq_len tokens: one shape for every "
+                            "step (auto: when compiling)"
+    )
 
     @model_validator(mode="after")
     def _template_path(self) -> "TrainSection":
