@@ -213,16 +213,18 @@ def plot(results: list[LoadTestResult], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.4))
-    for r in results:
-        xs = [lv.clients for lv in r.levels]
-        tag = f"{r.label} " if r.label else ""
-        a1.plot(xs, [lv.ttft_p50_ms for lv in r.levels], "o--", label=f"{tag}p50")
-        a1.plot(xs, [lv.ttft_p95_ms for lv in r.levels], "o-", label=f"{tag}p95")
-        a2.plot(xs, [lv.e2e_p50_s for lv in r.levels], "o--", label=f"{tag}p50")
-        a2.plot(xs, [lv.e2e_p95_s for lv in r.levels], "o-", label=f"{tag}p95")
-        a3.plot(xs, [lv.tokens_per_s for lv in r.levels], "o-", label=r.label or "aggregate")
+    levels = sorted({lv.clients for r in results for lv in r.levels})
+    for i, r in enumerate(results):
+        xs, color, tag = [lv.clients for lv in r.levels], f"C{i}", f"{r.label} " if r.label else ""
+        # one colour per server: dashed p50, solid p95
+        a1.plot(xs, [lv.ttft_p50_ms for lv in r.levels], "o--", color=color, label=f"{tag}p50")
+        a1.plot(xs, [lv.ttft_p95_ms for lv in r.levels], "o-", color=color, label=f"{tag}p95")
+        a2.plot(xs, [lv.e2e_p50_s for lv in r.levels], "o--", color=color, label=f"{tag}p50")
+        a2.plot(xs, [lv.e2e_p95_s for lv in r.levels], "o-", color=color, label=f"{tag}p95")
+        a3.plot(xs, [lv.tokens_per_s for lv in r.levels], "o-", color=color, label=r.label or "aggregate")
     for ax, title in ((a1, "time to first token (ms)"), (a2, "end-to-end latency (s)"), (a3, "output tokens/s, all clients")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(x) for x in levels])
         ax.set_xlabel("concurrent clients")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)

@@ -208,7 +208,8 @@ class Server:
         out = self._log if self._log is not None else None
         # its own session: a Ctrl-C on the terminal reaches us, and we stop the server in order
         self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         try:
             self.wait_ready(ready_timeout)
         except BaseException:
@@ -264,6 +265,17 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies (even by SIGKILL), so that a killed
+    `wb serve` or gate leaves no server behind (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
 
 
 def get_models(base_url: str, key: str | None = None, timeout: float = 10) -> dict:

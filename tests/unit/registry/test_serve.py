@@ -3,7 +3,6 @@ completion; Ctrl-C stops it; a tampered file in the store makes it refuse to sta
 the flag and a key; the key appears in no output."""
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -64,18 +63,16 @@ def wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float =
 
 
 def manifest_sha(published, rel: str) -> str:
-    from registry.files import SHA256_MANIFEST  # noqa: F401  (the published manifest is in the store)
+    """The sha256 the version's published manifest gives for rel."""
+    import tempfile
+
+    from registry.promote import load_sha_manifest
     from registry.store import client_for, resolve_tracking_uri
 
-    with no_tracking_env():
+    with no_tracking_env(), tempfile.TemporaryDirectory() as tmp:
         client = client_for(resolve_tracking_uri(recipe_path=str(published["recipe"])))
-        from registry.promote import load_sha_manifest
-
         mv = client.get_model_version_by_alias(MODEL, "candidate")
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            return load_sha_manifest(client, mv, Path(tmp))["files"][rel]["sha256"]
+        return load_sha_manifest(client, mv, Path(tmp))["files"][rel]["sha256"]
 
 
 @pytest.mark.parametrize("engine", ["llama-server", "llama-cpp-python"])
@@ -101,6 +98,7 @@ def test_serve_answers_the_openai_client_and_stops_on_ctrl_c(published, engine):
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What does os do?"}],
                                                max_tokens=8, temperature=0)
         assert isinstance(reply.choices[0].message.content, str) and reply.usage.completion_tokens >= 1
+        assert_gate_engine_parity(published, port, key)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
         proc.send_signal(signal.SIGINT)  # what Ctrl-C on the terminal sends
@@ -115,6 +113,29 @@ def test_serve_answers_the_openai_client_and_stops_on_ctrl_c(published, engine):
     assert key not in out
 
 
+def assert_gate_engine_parity(published, port: int, key: str) -> None:
+    """The gate's endpoint engine on the served file answers what the gate's in-process llama.cpp answers on the
+    same file (greedy both ways). Stated tolerance: an invalid UTF-8 byte is dropped by llama-cpp-python and sent as
+    U+FFFD by llama-server; this random-weight model emits such bytes, a trained one rarely does."""
+    from eval_gate.endpoints import EndpointEngine
+    from eval_gate.engines import run_gguf
+    from recipes.sections.eval_gate import EndpointSpec
+
+    convs = [[{"role": "user", "content": q}] for q in ("Which module parses JSON?", "What does os.path.join do?")]
+    gguf = _store_file(published, f"gguf/model-{published['qtype']}.gguf")
+    ref = run_gguf(gguf, "ref", {"threads": 1, "n_ctx": 1024, "records": [],
+                                 "chats": {"golden": {"conversations": convs, "max_new_tokens": 16}}},
+                   published["root"] / f"ref-{port}", 300).answers["golden"]
+    os.environ[KEY_ENV] = key
+    try:
+        engine = EndpointEngine(EndpointSpec(name="served", base_url=f"http://127.0.0.1:{port}/v1", model=MODEL,
+                                             api_key_env=KEY_ENV, usd_per_million_input=0, usd_per_million_output=0))
+        answers = [engine.chat(c, 16).text for c in convs]
+    finally:
+        os.environ.pop(KEY_ENV, None)
+    assert [a.replace("\ufffd", "") for a in answers] == [a.replace("\ufffd", "") for a in ref] and any(ref)
+
+
 def _store_file(published, rel: str) -> Path:
     from registry.store import client_for, logged_model_id, resolve_tracking_uri
 
@@ -123,6 +144,30 @@ def _store_file(published, rel: str) -> Path:
         mv = client.get_model_version_by_alias(MODEL, "candidate")
         lm = client.get_logged_model(logged_model_id(mv))
     return Path(urlparse(lm.artifact_location).path) / rel
+
+
+def test_a_killed_serve_leaves_no_server_behind(published):
+    import openai
+
+    port = free_port()
+    proc, log = start_serve(published, port)
+    try:
+        wait_for_line(proc, log, "Ctrl-C stops it")
+        proc.kill()  # SIGKILL: no chance to stop the server itself
+        proc.wait(timeout=30)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=5)
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the server got SIGTERM when its parent died; it may take a moment to exit
+            try:
+                client.models.list()
+            except openai.APIConnectionError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the server outlived the killed wb serve")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_tampered_file_in_the_store_refuses_to_start(published):
