@@ -99,7 +99,8 @@ def describe(spec, engine: str) -> list[str]:
         f"{lin.get('model')} ({spec.model})"
     lines = [f"serve: {what}, engine {engine}"]
     if "sha256" in lin:
-        lines.append(f"serve: {lin['file']} sha256 {lin['sha256']} (verified)")
+        how = "verified against the version's sha256.json" if "version" in lin else "of the local file, not registered"
+        lines.append(f"serve: {lin['file']} sha256 {lin['sha256']} ({how})")
     if "gate_passed" in lin:
         lines.append(f"serve: gate.passed={lin['gate_passed']}")
     lines.append(f"serve: {spec.base_url}  model {spec.name!r}"

@@ -199,3 +199,27 @@ def test_endpoint_engine_gives_the_in_process_answers_and_verdicts(served_gguf, 
     count = len  # token counts only matter for max_tokens; the same function on both sides
     assert [c.status for c in score_golden(cases, answers, count).cases] == \
         [c.status for c in score_golden(cases, ref, count).cases]
+
+
+def test_a_gating_endpoint_that_failed_fails_the_comparison_and_a_scored_one_compares_pass_rates():
+    from types import SimpleNamespace
+
+    from eval_gate.endpoints import EndpointEval, endpoint_checks
+    from recipes.sections.eval_gate import EvalGateSection
+
+    recipe = SimpleNamespace(eval_gate=EvalGateSection(endpoints=[
+        spec("https://a.example/v1", name="up", must_be_within=0.05),
+        spec("https://b.example/v1", name="down", must_be_within=0.05)]))
+    golden = lambda rate: SimpleNamespace(pass_rate=rate, critical_failures=[])  # noqa: E731
+    evaluation = SimpleNamespace(
+        artifacts={"adapter": SimpleNamespace(error=None, golden=golden(0.60)),
+                   "gguf:Q8_0": SimpleNamespace(error=None, golden=golden(0.70))},
+        endpoints={"up": EndpointEval("up", "m", "https://a.example/v1", golden=golden(0.70), ttft_ms=[1.0]),
+                   "down": EndpointEval("down", "m", "https://b.example/v1", error="endpoint 'down': HTTP 503")})
+    checks = {c.metric: c for c in endpoint_checks(recipe, evaluation)}
+    assert not checks["golden_within_up.adapter"].passed and checks["golden_within_up.adapter"].gating
+    assert checks["golden_within_up.adapter"].value == pytest.approx(-0.10)
+    assert checks["golden_within_up.gguf:Q8_0"].passed
+    failed = checks["golden_within_down.adapter"]
+    assert failed.gating and not failed.passed and failed.value is None and "HTTP 503" in failed.detail
+    assert not checks["endpoint_answered.down"].gating

@@ -94,7 +94,7 @@ def test_serve_answers_the_openai_client_and_stops_on_ctrl_c(published, engine):
         sha = manifest_sha(published, f"gguf/model-{published['qtype']}.gguf")
         tags = set(models[0].model_extra["tags"])
         assert {f"model={MODEL}", "version=1", f"sha256={sha}", "gate_passed=true"} <= tags
-        assert f"sha256 {sha} (verified)" in out and f"{MODEL} v1 (models:/{MODEL}@candidate" in out
+        assert f"sha256 {sha} (verified against the version's sha256.json)" in out and f"{MODEL} v1 (models:/{MODEL}@candidate" in out
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What does os do?"}],
                                                max_tokens=8, temperature=0)
         assert isinstance(reply.choices[0].message.content, str) and reply.usage.completion_tokens >= 1
