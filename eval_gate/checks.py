@@ -163,8 +163,10 @@ def cost(tokens_per_s: float, gpu_hour_usd: float, api_usd_per_mtok: float) -> d
     dedicated machine (paid 24h a day) is cheaper than the API."""
     if tokens_per_s <= 0:
         return {"self_hosted_usd_per_mtok": float("inf"), "break_even_tokens_per_day": float("inf"),
-                "capacity_tokens_per_day": 0.0}
+                "capacity_tokens_per_day": 0.0, "breaks_even": False}
     self_hosted = gpu_hour_usd / (tokens_per_s * 3600.0) * 1e6
     break_even = gpu_hour_usd * 24.0 / api_usd_per_mtok * 1e6
+    capacity = tokens_per_s * 86400.0
+    # a machine that cannot serve the break-even volume at its measured speed never breaks even, at any volume
     return {"self_hosted_usd_per_mtok": self_hosted, "break_even_tokens_per_day": break_even,
-            "capacity_tokens_per_day": tokens_per_s * 86400.0}
+            "capacity_tokens_per_day": capacity, "breaks_even": capacity >= break_even}

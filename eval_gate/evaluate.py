@@ -66,6 +66,8 @@ class Evaluation:
     base: BaseEval
     artifacts: dict[str, ArtifactEval]  # by artifact name, in the inputs' order
     drift_records: list[list[int]]  # the held-out token ids drift is compared on
+    endpoints: dict[str, Any] = field(default_factory=dict)  # eval_gate.endpoints.EndpointEval by name
+    load: Any = None  # eval_gate.load.LoadEval when eval_gate.load.enabled
 
 
 def evaluate(recipe: Recipe, inp: Inputs, scratch: Path) -> Evaluation:
@@ -97,7 +99,11 @@ def evaluate(recipe: Recipe, inp: Inputs, scratch: Path) -> Evaluation:
             evals[art.name] = ArtifactEval(score_golden(inp.golden, [""] * len(inp.golden), lambda s: 0), [], 0.0,
                                            error=str(exc))
         log(f"{art.name}: {time.time() - t:.1f}s")
-    return Evaluation(base, evals, drift)
+    from .endpoints import evaluate_endpoints
+    from .load import run_load_check
+
+    return Evaluation(base, evals, drift, endpoints=evaluate_endpoints(recipe, inp, log),
+                      load=run_load_check(recipe, inp, scratch, log))
 
 
 def drift_records(records: list[list[int]], max_tokens: int) -> tuple[list[list[int]], int]:

@@ -139,9 +139,11 @@ def _latency_plot(out_dir: Path, result: GateResult) -> str | None:
 
 def write_report(out_dir: Path, result: GateResult) -> None:
     plots = _plots(out_dir, result)
+    from .report_served import served_sections
+
     sections = [_summary(result), _checks_section(result, plots), _golden_section(result),
                 _perplexity_section(result), _drift_section(result), _safety_section(result),
-                _latency_section(result), _champion_section(result)]
+                _latency_section(result), *served_sections(result, out_dir), _champion_section(result)]
     md = "\n".join(line for section in sections for line in section)
     (out_dir / "report.md").write_text(md, encoding="utf-8")
     (out_dir / "report.html").write_text(markdown_to_html(md, out_dir), encoding="utf-8")
@@ -261,6 +263,8 @@ def _safety_section(result: GateResult) -> list[str]:
 
 
 def _latency_section(result: GateResult) -> list[str]:
+    from .report_served import breaks_even_text
+
     if not result.latency:
         return []
     cost = result.recipe.eval_gate.cost
@@ -272,9 +276,10 @@ def _latency_section(result: GateResult) -> list[str]:
         "", "Self-hosted cost assumes one stream at the measured median speed; break-even is the daily volume "
         "above which a dedicated machine (paid 24 h/day) costs less than the API.", "",
         _table(["artifact", "tokens/s", "self-hosted $/1M tokens", "API $/1M tokens", "break-even tokens/day",
-                "capacity tokens/day"],
+                "capacity tokens/day", "breaks even?"],
                [[r["artifact"], r["tokens_per_s"], r["self_hosted_usd_per_mtok"], cost.api_usd_per_million_tokens,
-                 r["break_even_tokens_per_day"], r["capacity_tokens_per_day"]] for r in result.cost]), ""]
+                 r["break_even_tokens_per_day"], r["capacity_tokens_per_day"], breaks_even_text(r)]
+                for r in result.cost]), ""]
 
 
 def _champion_section(result: GateResult) -> list[str]:

@@ -79,12 +79,15 @@ class GateResult:
         return not self.failed
 
     def verdict(self) -> dict[str, Any]:
+        from .endpoints import verdict_entries
+
         base = self.evaluation.base
         return {"passed": self.passed, "candidate_manifest_sha256": self.inputs.candidate_sha256,
                 "failed": [c.metric for c in self.failed], "checks": [c.to_json() for c in self.checks],
                 "base": {"golden_pass_rate": base.golden.pass_rate, "golden_mean_score": base.golden.mean_score,
                          "refusal_rate": base.refusal_rate, "overrefusal_rate": base.overrefusal_rate,
-                         "perplexity": base.ppl}}
+                         "perplexity": base.ppl},
+                **verdict_entries(self.evaluation)}
 
     def metrics(self) -> dict[str, float]:
         return {c.metric: float(c.value) for c in self.checks if c.value is not None and math.isfinite(float(c.value))}
@@ -113,6 +116,10 @@ def judge(recipe: Recipe, inp: Inputs, evaluation: Evaluation) -> GateResult:
             result.checks += serving_checks(recipe, inp, art.name, ev, result)
         if art.parent is not None and art.quant_type is not None:
             result.checks += drift_checks(recipe, art, ev, evaluation, result.drift)
+    from .endpoints import endpoint_checks
+    from .load import load_checks
+
+    result.checks += endpoint_checks(recipe, evaluation) + load_checks(recipe, evaluation.load)
     result.champion = compare_with_champion(recipe, result.checks)
     result.checks.append(champion_check(result.champion))
     return result

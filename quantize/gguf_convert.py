@@ -3,8 +3,8 @@ version as the pinned llama-cpp-python (so the converter, the quantizer and the 
 architecture, tokenizer pre-split and metadata key).
 
 They come from llama-cpp-python's source distribution, which vendors the llama.cpp tree: `make install` runs
-`python -m quantize.gguf_convert install`, which has pip download that sdist pinned by version and sha256 and
-extracts the converters, their `conversion/` package and `gguf-py` into the virtual environment. Nothing is
+`python -m quantize.gguf_convert install`, which takes that sdist (pinned by version and sha256, fetched once
+and kept: `workbench.llama_sdist`) and extracts the converters, their `conversion/` package and `gguf-py` into the virtual environment. Nothing is
 fetched at run time. Each conversion runs as a child process: it imports torch and its own gguf-py, and a
 refusal (an unknown architecture or pre-tokenizer) becomes an error naming the model and quoting the converter.
 
@@ -13,7 +13,6 @@ Stdlib-only at import time: recipe validation asks `converter_architectures()` w
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import re
@@ -21,13 +20,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
-LLAMA_CPP_PYTHON = "0.3.36"
-# sha256 of llama_cpp_python-0.3.36.tar.gz as published on the package index (pip checks it on download too)
-SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+# the pinned sdist lives in the spine: the llama-server build takes its llama.cpp tree from the same file
+from workbench.llama_sdist import LLAMA_CPP_PYTHON, SDIST_NAME, SDIST_SHA256, TREE_PREFIX, sdist as pinned_sdist
+
 # what the converters need from the vendored llama.cpp tree (paths relative to it)
 TREE_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE",
               # Qwen2's real vocabulary, as llama.cpp's tokenizer tests ship it: the tests' tiny Qwen models use it
@@ -81,48 +78,28 @@ def converter_architectures(tools: Path | None = None) -> frozenset[str] | None:
 
 # ---- install (make install) ----------------------------------------------------------------------------------
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download_sdist(into: Path) -> Path:
-    """pip download of the pinned sdist; --require-hashes makes pip refuse any other file."""
-    req = into / "requirements.txt"
-    req.write_text(f"llama-cpp-python=={LLAMA_CPP_PYTHON} --hash=sha256:{SDIST_SHA256}\n", encoding="utf-8")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                    "--require-hashes", "-r", str(req), "-d", str(into)], check=True)
-    return into / SDIST_NAME
-
-
 def install(sdist: Path | None = None, dest: Path | None = None) -> Path:
-    """Extract the converters from the sdist (downloaded when not given) into dest (default: tools_dir())."""
+    """Extract the converters from the pinned sdist (the kept copy, downloaded once when absent) into dest
+    (default: tools_dir())."""
     dest = dest or tools_dir()
-    with tempfile.TemporaryDirectory() as tmp:
-        sdist = sdist or download_sdist(Path(tmp))
-        digest = sha256_of(sdist)
-        if digest != SDIST_SHA256:
-            raise SystemExit(f"{sdist}: sha256 {digest} is not the pinned {SDIST_SHA256} of llama-cpp-python {LLAMA_CPP_PYTHON}")
-        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-        staging = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(prefix)
-                       and any(m.name[len(prefix):] == p or (p.endswith("/") and m.name[len(prefix):].startswith(p))
-                               for p in TREE_PARTS)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(staging, members=members, filter="data")
-        for part in TREE_PARTS:
-            if not (staging / part).exists():
-                raise SystemExit(f"{sdist}: {prefix}{part} is missing")
-        (staging / STAMP).write_text(json.dumps({"package": "llama-cpp-python", "version": LLAMA_CPP_PYTHON,
-                                                 "sha256": SDIST_SHA256, "files": len(members)}, indent=2) + "\n")
-        shutil.rmtree(dest, ignore_errors=True)
-        staging.rename(dest)
+    sdist = pinned_sdist(sdist)
+    prefix = TREE_PREFIX
+    staging = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(prefix)
+                   and any(m.name[len(prefix):] == p or (p.endswith("/") and m.name[len(prefix):].startswith(p))
+                           for p in TREE_PARTS)]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tar.extractall(staging, members=members, filter="data")
+    for part in TREE_PARTS:
+        if not (staging / part).exists():
+            raise SystemExit(f"{sdist}: {prefix}{part} is missing")
+    (staging / STAMP).write_text(json.dumps({"package": "llama-cpp-python", "version": LLAMA_CPP_PYTHON,
+                                             "sha256": SDIST_SHA256, "files": len(members)}, indent=2) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
     return dest
 
 

@@ -1,4 +1,4 @@
-"""`python -m registry publish RECIPE` and the registry commands behind `wb promote|rollback|pull|ui|approve`.
+"""`python -m registry publish RECIPE` and the registry commands behind `wb promote|rollback|pull|serve|ui|approve`.
 
 Which store: `--tracking-uri` > MLFLOW_TRACKING_URI > `--recipe RECIPE` (that recipe's server or embedded
 store). Credentials for a server: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment.
@@ -60,6 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dest", required=True, help="directory to write into")
     _store_args(pl)
 
+    sv = sub.add_parser("serve", help="pull + verify a version, then serve it behind an OpenAI-compatible API")
+    sv.add_argument("source", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local .gguf file")
+    sv.add_argument("--format", help="gguf:<TYPE> | gguf_adapter (llama.cpp); merged | awq | adapter (vLLM)")
+    sv.add_argument("--engine", default="auto", help="auto (llama-server when built) | llama-server | "
+                                                      "llama-cpp-python | vllm")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs "
+                                                         "--allow-remote and --api-key-env)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--allow-remote", action="store_true", help="allow binding an address other machines reach")
+    sv.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key clients must send")
+    sv.add_argument("--name", help="model name for a local .gguf (default: the file name)")
+    sv.add_argument("--dest", help="keep the verified pull here (default: a temporary directory, removed on exit)")
+    sv.add_argument("--threads", type=int, help="llama.cpp threads (default: OMP_NUM_THREADS or all cores)")
+    sv.add_argument("--parallel", type=int, default=4, help="requests served at once (llama-server slots)")
+    sv.add_argument("--n-ctx", type=int, default=2048, help="context per request")
+    _store_args(sv)
+
     ui = sub.add_parser("ui", help="start the MLflow UI on a recipe's embedded store (127.0.0.1)")
     ui.add_argument("recipe_file", nargs="?", metavar="RECIPE", help="recipe whose store to show")
     ui.add_argument("--port", type=int, default=5000)
@@ -93,6 +110,10 @@ def _dispatch(args) -> int:
 
     if args.cmd == "ui":
         return _ui(args, resolve_tracking_uri(args.tracking_uri, args.recipe_file or args.recipe))
+    if args.cmd == "serve":
+        from .serve import serve
+
+        return serve(args, lambda: client_for(resolve_tracking_uri(args.tracking_uri, args.recipe)))
     client = client_for(resolve_tracking_uri(args.tracking_uri, args.recipe))
     if args.cmd == "approve":
         from .promote import approve

@@ -146,10 +146,43 @@ def cmd_base(args) -> int:
     return 0
 
 
+def cmd_loadtest(args) -> int:
+    from .loadtest import loadtest, markdown_table, write_outputs
+    from .serving import api_key
+    from .workspace import StageError
+
+    try:
+        levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    except ValueError:
+        print(f"wb loadtest: --levels {args.levels!r}: expected integers such as 1,4,16", file=sys.stderr)
+        return 2
+    try:
+        prompts = _loadtest_prompts(args)
+        result = loadtest(args.url, args.model, prompts, levels, args.requests, args.max_seconds, args.max_tokens,
+                          api_key(args.api_key_env), args.timeout, label=args.model,
+                          progress=lambda lv: print(f"loadtest: {lv.clients} clients: {lv.requests} requests, "
+                                                    f"{lv.errors} errors, p95 TTFT {lv.ttft_p95_ms:.0f} ms", flush=True))
+    except StageError as exc:
+        print(f"wb loadtest: error: {exc}", file=sys.stderr)
+        return 1
+    paths = write_outputs([result], Path(args.out))
+    print(markdown_table([result]))
+    print(f"loadtest: {paths['json']}, {paths['png']}")
+    return 1 if any(lv.errors for lv in result.levels) else 0
+
+
+def _loadtest_prompts(args) -> list[list[dict]]:
+    from eval_gate.golden import load_golden
+
+    path = Path(args.golden) if args.golden else Path(_load(args.recipe).data.golden)
+    return [c.messages() for c in load_golden(path)]
+
+
 REGISTRY_COMMANDS = {
     "promote": "move @champion to an approved, gate-passing version",
     "rollback": "move @champion back to @previous",
     "pull": "download a registered version, verify every sha256",
+    "serve": "pull + verify a version and serve it behind an OpenAI-compatible API (127.0.0.1)",
     "ui": "start the MLflow UI on the workspace's store",
     "approve": "set the approval tag on a version",
 }
@@ -191,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     bv = bsub.add_parser("verify", help="re-hash a base directory against its manifest")
     bv.add_argument("dir")
     b.set_defaults(fn=cmd_base)
+
+    lt = sub.add_parser("loadtest", help="load-test an OpenAI-compatible server on this machine (1, 4, 16 clients)")
+    lt.add_argument("url", help="the server's API root, e.g. http://127.0.0.1:8080/v1")
+    lt.add_argument("--model", required=True, help="model name to ask for")
+    lt.add_argument("--levels", default="1,4,16", help="concurrent clients per level, comma-separated")
+    lt.add_argument("--requests", type=int, help="requests per level (default: 16, or 4 per client beyond 4)")
+    lt.add_argument("--max-seconds", type=float, default=120.0, help="no new request after this, per level")
+    lt.add_argument("--max-tokens", type=int, default=48)
+    lt.add_argument("--timeout", type=float, default=60.0, help="per request; a slower one counts as an error")
+    g = lt.add_mutually_exclusive_group(required=True)
+    g.add_argument("--golden", help="golden set JSONL whose prompts are sent")
+    g.add_argument("--recipe", help="send this recipe's golden prompts (data.golden)")
+    lt.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the server's API key")
+    lt.add_argument("--out", default="loadtest", help="directory for loadtest.json, loadtest.md and loadtest.png")
+    lt.set_defaults(fn=cmd_loadtest)
 
     for name, help_ in REGISTRY_COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)  # listed here; parsed by registry.cli (see main)

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from .common import StrictModel
 
@@ -130,6 +133,73 @@ class CostTable(StrictModel):
     api_usd_per_million_tokens: float = Field(0.20, gt=0.0, description="$/1M output tokens of the API alternative")
 
 
+class EndpointSpec(StrictModel):
+    """An OpenAI-compatible chat endpoint (a hosted API, or a server of our own) evaluated on the same golden,
+    red-team and over-refusal sets as the candidate's artifacts, and shown beside them. Compared, not gated,
+    unless must_be_within is set."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="short name, used in metric names")
+    base_url: str = Field(description="the API root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1")
+    model: str = Field(min_length=1, description="the model name the endpoint expects")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="NAME of the environment variable that holds the API key (never the key itself); unset: no key")
+    usd_per_million_input: float = Field(ge=0.0, description="its price, $ per 1M prompt tokens")
+    usd_per_million_output: float = Field(ge=0.0, description="its price, $ per 1M completion tokens")
+    must_be_within: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="a gating check: every served artifact's golden pass rate must be at least this endpoint's "
+                    "minus this (0.05 = at most 5 points below); unset: compared, not gated")
+    timeout_s: float = Field(120.0, gt=0.0, description="per request")
+    max_retries: int = Field(3, ge=0, le=10, description="retries of a request that failed for a transient reason "
+                                                         "(connection, timeout, 429, 5xx, malformed reply)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        u = urlparse(v)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"{v!r}: expected an http(s) URL such as https://api.example.com/v1")
+        return v.rstrip("/")
+
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _not_a_key(cls, v):
+        if isinstance(v, str) and (re.match(r"^(sk|pk|key)[-_]", v, re.I) or len(v) > 64):
+            raise ValueError("looks like an API key: put the key in an environment variable and name the variable "
+                             "here (e.g. api_key_env: OPENAI_API_KEY)")
+        return v
+
+    @model_validator(mode="after")
+    def _no_key_in_clear(self):
+        u = urlparse(self.base_url)
+        if self.api_key_env and u.scheme == "http" and u.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"base_url {self.base_url}: the API key would travel unencrypted to another machine; "
+                             "use https")
+        return self
+
+
+class LoadCheck(StrictModel):
+    """The candidate's GGUF served by the server `wb serve` runs, on 127.0.0.1, and load-tested with `concurrency`
+    streaming clients sending the golden prompts. Reported; p95 time to first token under load is a check when
+    max_p95_ttft_ms is set."""
+
+    enabled: bool = Field(False, description="run the load test in the gate")
+    artifact: str | None = Field(None, description="gguf:<TYPE> to serve; unset: the smallest GGUF artifact")
+    engine: Literal["llama-server", "llama-cpp-python"] = Field(
+        "llama-server", description="llama.cpp's server (parallel slots) or llama-cpp-python's (one at a time)")
+    concurrency: int = Field(4, ge=1, le=64, description="simultaneous clients (also the server's slots)")
+    requests: int = Field(32, ge=1, le=2000, description="requests sent (the golden prompts, cycled)")
+    max_seconds: float = Field(300.0, gt=0.0, description="no request is started after this")
+    max_p95_ttft_ms: float | None = Field(None, gt=0.0, description="limit on p95 time to first token under load")
+
+    @model_validator(mode="after")
+    def _limit_needs_run(self):
+        if self.max_p95_ttft_ms is not None and not self.enabled:
+            raise ValueError("max_p95_ttft_ms is set but enabled is false: set enabled: true to run the load test")
+        return self
+
+
 class EvalGateSection(StrictModel):
     """Checks and thresholds of the eval gate. (Owned by eval_gate.)"""
 
@@ -141,3 +211,25 @@ class EvalGateSection(StrictModel):
     champion: ChampionCheck = Field(default_factory=ChampionCheck)
     cost: CostTable = Field(default_factory=CostTable)
     gguf_timeout_s: float = Field(900.0, gt=0.0, description="wall-clock limit of the llama.cpp child per GGUF file")
+    endpoints: list[EndpointSpec] = Field(default_factory=list, description="OpenAI-compatible endpoints compared "
+                                                                            "with the candidate")
+    load: LoadCheck = Field(default_factory=LoadCheck)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique_names(cls, v: list[EndpointSpec]) -> list[EndpointSpec]:
+        names = [e.name for e in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"endpoint names must be unique: {', '.join(dup)} repeated")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler):
+        # a recipe that uses neither hashes as it did before they existed: its gate results stay up to date
+        data = handler(self)
+        if not self.endpoints:
+            data.pop("endpoints", None)
+        if self.load == LoadCheck():
+            data.pop("load", None)
+        return data
