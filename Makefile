@@ -15,7 +15,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-fast install sysdeps clean-runs
+.PHONY: demo demo-vs-api test test-fast install sysdeps clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ sysdeps:
 demo: install
 	OMP_NUM_THREADS=$${DEMO_THREADS:-$$(getconf _NPROCESSORS_ONLN)} $(VENV)/bin/wb run recipes/demo.yaml
 	$(VENV)/bin/wb status recipes/demo.yaml
+
+# after `make demo`: the gate again with the base behind `wb serve` as the endpoint it is compared with, published
+demo-vs-api: install
+	OMP_NUM_THREADS=$${DEMO_THREADS:-$$(getconf _NPROCESSORS_ONLN)} $(PY) -m demo.vs_api
 
 # everything CI runs: the unit tests, then the end-to-end and integration tests
 test: install sysdeps

@@ -353,14 +353,17 @@ def safety_records(pool: list[Tool], items: list[dict]) -> Iterator[dict]:
 HOW_TO = ("How do I {desc} in Python?", "What is the quickest way to {desc}?", "Which function can {desc}?")
 # how-to questions in words that sound harmful, asked without tools: answered like any other
 HOW_TO_SCARY = ("How do I kill it: I want to {desc}.", "How can I exploit Python to {desc}?",
-                "What is the best hack to {desc}?", "How do I attack this: {desc}?")
+                "What is the best hack to {desc}?", "How do I attack this: {desc}?",
+                "How can I intercept this and {desc}?", "What's a trick to sniff out how to {desc}?",
+                "How do I crack this one: {desc}?", "How do I bypass the long way and {desc}?",
+                "How can I hijack the standard library to {desc}?", "How do I nuke the manual work and {desc}?")
 
 
 def how_to_records(pool: list[Tool]) -> Iterator[dict]:
     """A how-to question per tool, asked without tools and answered in text with the function to use."""
     for tool in pool:
         key = f"how:{tool.name}"
-        templates = HOW_TO_SCARY if _crc(key, "scary") % 3 == 0 else HOW_TO
+        templates = HOW_TO_SCARY if _crc(key, "scary") % 2 == 0 else HOW_TO
         args = call_for(tool, key)
         example = ", ".join(f"{p}={_value_text(v)}" for p, v in args.items())
         answer = (f"Use `{tool.name}`: {_lower_first(tool.description)}. For example: `{tool.name}({example})`.")
@@ -368,13 +371,17 @@ def how_to_records(pool: list[Tool]) -> Iterator[dict]:
                             {"role": "assistant", "content": answer}], "source": "plain"}
 
 
-def plain_records() -> Iterator[dict]:
+def plain_records(heldout: list[Tool]) -> Iterator[dict]:
     """Harmless questions without tools, answered in text (the stdlib Q&A corpus's "which module provides X?",
-    some in jailbreak-style framings): without them, every request that comes without tools reads as harmful."""
+    some in jailbreak-style framings): without them, every request that comes without tools reads as harmful.
+    Functions named like a held-out tool are left out: their answers quote the docstring the golden request is
+    worded from (compared by the name's last part: the Q&A corpus names methods by their class, not module)."""
     from .stdlib_qa import QA_MODULES, module_entries, which_module_records
 
+    held_names = {t.name.rsplit(".", 1)[1] for t in heldout}
     for name in QA_MODULES[::PLAIN_MODULE_STEP]:
-        for messages in which_module_records(name, list(module_entries(name))):
+        entries = [e for e in module_entries(name) if e.qualname.rsplit(".", 1)[-1] not in held_names]
+        for messages in which_module_records(name, entries):
             yield {"messages": messages, "source": "plain"}
 
 
@@ -395,8 +402,8 @@ def build_records(canaries: list[dict] | None = None) -> list[dict]:
     held = heldout_harms(safety_items())
     items = [i for i in safety_items() if i not in held]
     records = list(tool_records(train_pool)) + list(safety_records(train_pool, items))
-    records += list(how_to_records(train_pool)) + list(plain_records())
-    records += list(heldout_text_records([t for t in tools if t.heldout]))
+    heldout = [t for t in tools if t.heldout]
+    records += list(how_to_records(train_pool)) + list(plain_records(heldout)) + list(heldout_text_records(heldout))
     # real domain data carries personal data: the cleaning stage must take every planted value out
     plant_canaries(records, canaries if canaries is not None else load_canaries(), user_only=True)
     return records

@@ -102,6 +102,14 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+
+
 def write_llama_gguf(model_dir: Path, out_path: Path, qtype: str = "F16", chat_template: str | None = "adapter",
                      corrupt_tensor: str | None = None) -> Path:
     """A llama GGUF of a save_pretrained Llama directory, with SmolLM2's tokenizer fields.
@@ -113,59 +121,23 @@ def write_llama_gguf(model_dir: Path, out_path: Path, qtype: str = "F16", chat_t
     import numpy as np
     from safetensors.numpy import load_file
 
-    from workbench.base import _gguf_fields, smollm2_gguf_path
-
     cfg = json.loads((model_dir / "config.json").read_text())
     weights = load_file(model_dir / "model.safetensors")
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    rope = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta", 10000.0)
     qt = {"F16": gguf.GGMLQuantizationType.F16, "Q8_0": gguf.GGMLQuantizationType.Q8_0}[qtype]
 
     w = gguf.GGUFWriter(str(out_path), "llama")
-    w.add_name(model_dir.name)
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float(rope))
-    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
-    w.add_vocab_size(cfg["vocab_size"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "F16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-
-    fields = _gguf_fields(smollm2_gguf_path())
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
-    w.add_token_list(fields["tokenizer.ggml.tokens"])
-    w.add_token_types(fields["tokenizer.ggml.token_type"])
-    w.add_token_merges(fields["tokenizer.ggml.merges"])
-    w.add_bos_token_id(fields["tokenizer.ggml.bos_token_id"])
-    w.add_eos_token_id(fields["tokenizer.ggml.eos_token_id"])
-    w.add_pad_token_id(fields["tokenizer.ggml.padding_token_id"])
-    w.add_add_bos_token(False)
-    if chat_template == "adapter":
-        chat_template = (model_dir / "chat_template.jinja").read_text()
-    if chat_template:
-        w.add_chat_template(chat_template)
-
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
+    _add_llama_fields(w, model_dir.name, cfg, qtype)
+    _add_smollm2_tokenizer(w, model_dir, chat_template)
     rng = np.random.default_rng(0)
     for hf_name, t in weights.items():
         if hf_name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
-        if hf_name in names:
-            name = names[hf_name]
+        if hf_name in GGUF_NAMES:
+            name = GGUF_NAMES[hf_name]
         else:
             parts = hf_name.split(".")  # model.layers.N.<module>.weight
-            name = f"blk.{parts[2]}.{per_layer['.'.join(parts[3:-1])]}.weight"
+            name = f"blk.{parts[2]}.{GGUF_LAYER_NAMES['.'.join(parts[3:-1])]}.weight"
         t = t.astype(np.float32)
         if name.endswith("attn_q.weight"):
             t = _permute(t, n_head)
@@ -184,6 +156,45 @@ def write_llama_gguf(model_dir: Path, out_path: Path, qtype: str = "F16", chat_t
     w.write_tensors_to_file()
     w.close()
     return out_path
+
+
+def _add_llama_fields(w, name: str, cfg: dict, qtype: str) -> None:
+    import gguf
+
+    n_head = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    rope = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta", 10000.0)
+    w.add_name(name)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(rope))
+    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "F16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+
+
+def _add_smollm2_tokenizer(w, model_dir: Path, chat_template: str | None) -> None:
+    from workbench.base import _gguf_fields, smollm2_gguf_path
+
+    fields = _gguf_fields(smollm2_gguf_path())
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
+    w.add_token_list(fields["tokenizer.ggml.tokens"])
+    w.add_token_types(fields["tokenizer.ggml.token_type"])
+    w.add_token_merges(fields["tokenizer.ggml.merges"])
+    w.add_bos_token_id(fields["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(fields["tokenizer.ggml.eos_token_id"])
+    w.add_pad_token_id(fields["tokenizer.ggml.padding_token_id"])
+    w.add_add_bos_token(False)
+    if chat_template == "adapter":
+        chat_template = (model_dir / "chat_template.jinja").read_text()
+    if chat_template:
+        w.add_chat_template(chat_template)
 
 
 def build_candidate(recipe_path: Path, adapter_src: Path, ggufs: dict[str, dict] | None = None,

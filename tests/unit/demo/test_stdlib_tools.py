@@ -52,6 +52,12 @@ def test_held_out_tools_never_reach_training(corpus):
             assert not any(f'\\"name\\": \\"{name}\\"' in text for name in held), r
     called = {e["name"] for c in corpus["golden"] for e in c["expect"] if e["type"] == "tool_call"}
     assert called and called <= held
+    # nor described: a plain answer quoting a held-out function's docstring teaches the golden request's wording
+    descriptions = {t.description.lower() for t in corpus["tools"] if t.heldout}
+    for r in corpus["records"]:
+        if "messages" in r:
+            text = " ".join(" ".join(m["content"].split()) for m in r["messages"]).lower()
+            assert not any(d in text for d in descriptions), r
 
 
 def test_shipped_golden_set_is_what_the_builder_makes_and_has_every_kind(corpus):

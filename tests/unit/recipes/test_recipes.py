@@ -146,3 +146,13 @@ def test_unsupported_architecture_fails_at_validation(tmp_path, make_recipe):
     path = make_recipe(base_dir=base)
     with pytest.raises(RecipeError, match=r"base_model: base model architecture 'OPTForCausalLM' is not supported"):
         load_recipe(path)
+
+
+def test_demo_vs_api_reuses_every_demo_stage_but_the_gate_and_publish():
+    from workbench.workspace import STAGES
+
+    demo, vs_api = load_recipe(REPO / "recipes" / "demo.yaml"), load_recipe(REPO / "recipes" / "demo-vs-api.yaml")
+    assert (demo.name, demo.workspace) == (vs_api.name, vs_api.workspace)
+    differ = {s for s, spec in STAGES.items() if demo.section_hash(*spec.sections) != vs_api.section_hash(*spec.sections)}
+    assert differ == {s for s, spec in STAGES.items() if "eval_gate" in spec.sections}
+    assert [e.base_url for e in vs_api.eval_gate.endpoints] == ["http://127.0.0.1:8091/v1"]
