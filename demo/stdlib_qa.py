@@ -355,16 +355,20 @@ def build_records(canaries: list[dict[str, str]] | None = None) -> list[dict]:
     return records
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, keys sorted (byte-identical for equal rows), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 def build_corpus(out: str | Path) -> int:
     """Write the corpus to `out` (atomically); returns the number of records."""
-    out = Path(out)
     records = build_records()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, out)
+    write_jsonl(Path(out), records)
     return len(records)
 
 

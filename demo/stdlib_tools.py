@@ -24,7 +24,6 @@ import argparse
 import importlib
 import inspect
 import json
-import os
 import re
 import sys
 import zlib
@@ -438,17 +437,10 @@ def golden_cases() -> list[dict]:
     return cases
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def build_corpus(out: str | Path) -> int:
     """Write the corpus to `out` (atomically); returns the number of records."""
+    from .stdlib_qa import write_jsonl
+
     records = build_records()
     write_jsonl(Path(out), records)
     return len(records)
@@ -461,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(f"wrote {build_corpus(args.out)} records to {args.out} (Python {sys.version.split()[0]})")
     if args.golden:
+        from .stdlib_qa import write_jsonl
+
         cases = golden_cases()
         write_jsonl(Path(args.golden), cases)
         print(f"wrote {len(cases)} golden cases to {args.golden}")
