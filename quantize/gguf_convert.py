@@ -23,7 +23,7 @@ import tarfile
 from pathlib import Path
 
 # the pinned sdist lives in the spine: the llama-server build takes its llama.cpp tree from the same file
-from workbench.llama_sdist import LLAMA_CPP_PYTHON, SDIST_NAME, SDIST_SHA256, TREE_PREFIX, sdist as pinned_sdist
+from workbench.llama_sdist import LLAMA_CPP_PYTHON, SDIST_SHA256, TREE_PREFIX, install_or_where, sdist as pinned_sdist
 
 # what the converters need from the vendored llama.cpp tree (paths relative to it)
 TREE_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE",
@@ -154,21 +154,9 @@ def convert_lora_to_gguf(adapter_dir: Path, base_dir: Path, out_path: Path, outt
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m quantize.gguf_convert",
-                                     description="Install llama.cpp's converters from the pinned llama-cpp-python sdist")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    inst = sub.add_parser("install", help=f"download (pinned sha256) and extract into {tools_dir()}")
-    inst.add_argument("--sdist", type=Path, help=f"use this {SDIST_NAME} instead of downloading it")
-    sub.add_parser("where", help="print the converters' directory (exit 1 when not installed)")
-    args = parser.parse_args(argv)
-    if args.cmd == "install":
-        print(f"llama.cpp converters: {install(args.sdist)}")
-        return 0
-    found = installed_tools()
-    print(found or missing_tools_message())
-    return 0 if found else 1
+    return install_or_where("python -m quantize.gguf_convert", "llama.cpp converters", "Install llama.cpp's converters",
+                            f"download (pinned sha256) and extract into {tools_dir()}", install, installed_tools,
+                            missing_tools_message, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .llama_sdist import LLAMA_CPP_PYTHON, SDIST_SHA256, TREE_PREFIX, sdist, sha256_of
+from .llama_sdist import LLAMA_CPP_PYTHON, SDIST_SHA256, TREE_PREFIX, install_or_where, sdist
+from .workspace import sha256_file
 
 # Everything but the server off; no UI assets fetched from the network; no HTTPS (the server binds loopback, or
 # sits behind a TLS-terminating proxy); one self-contained binary.
@@ -87,28 +88,16 @@ def build(archive: Path | None = None, cmake_args: str | None = None, jobs: int 
     stamp_path().parent.mkdir(parents=True, exist_ok=True)
     stamp_path().write_text(json.dumps({
         "package": "llama-cpp-python", "version": LLAMA_CPP_PYTHON, "sdist_sha256": SDIST_SHA256,
-        "cmake_args": [*BUILD_FLAGS, *shlex.split(cmake_args)], "binary_sha256": sha256_of(exe),
+        "cmake_args": [*BUILD_FLAGS, *shlex.split(cmake_args)], "binary_sha256": sha256_file(exe),
         "build_seconds": round(time.time() - started),
     }, indent=2) + "\n", encoding="utf-8")
     return exe
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m workbench.llama_server",
-                                     description="Build llama.cpp's llama-server from the pinned llama-cpp-python sdist")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    inst = sub.add_parser("install", help=f"build it into {binary_path()} (LLAMA_CMAKE_ARGS: extra cmake flags)")
-    inst.add_argument("--sdist", type=Path, help="use this sdist instead of the kept / downloaded one")
-    sub.add_parser("where", help="print the binary's path (exit 1 when not built)")
-    args = parser.parse_args(argv)
-    if args.cmd == "install":
-        print(f"llama-server: {build(args.sdist)}")
-        return 0
-    found = installed_binary()
-    print(found or missing_binary_message())
-    return 0 if found else 1
+    return install_or_where("python -m workbench.llama_server", "llama-server", "Build llama.cpp's llama-server",
+                            f"build it into {binary_path()} (LLAMA_CMAKE_ARGS: extra cmake flags)", build,
+                            installed_binary, missing_binary_message, argv)
 
 
 if __name__ == "__main__":
